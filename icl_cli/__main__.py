@@ -1,0 +1,3 @@
+from icl_cli.cli.app import main
+
+main()

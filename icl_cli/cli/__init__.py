@@ -1,0 +1,1 @@
+"""The command layer: parse options, call one library function, render its result."""

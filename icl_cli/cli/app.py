@@ -1,0 +1,129 @@
+"""The ``icl`` command: global options, subcommand registry and the one error boundary.
+
+    icl --help
+    icl store ls
+    icl --json tasks ls
+
+Heavy libraries (torch, transformers, sae_lens) are imported only inside the commands that need
+them, so ``icl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from typer.core import TyperGroup
+
+from icl_cli import __version__
+from icl_cli.cli.context import Globals, stderr_console
+from icl_cli.errors import IclError
+
+
+class _Boundary(TyperGroup):
+    """Root group that turns domain errors into one line on stderr and an exit code."""
+
+    def invoke(self, ctx):  # noqa: D401 - click API
+        try:
+            return super().invoke(ctx)
+        except IclError as exc:
+            _report(ctx, exc, exc.exit_code)
+        except KeyboardInterrupt:
+            stderr_console().print("interrupted; nothing partial was written to the store", style="red")
+            ctx.exit(130)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless -v
+            import click
+
+            if isinstance(exc, click.exceptions.ClickException):
+                raise
+            _report(ctx, exc, 1, internal=True)
+
+
+def _report(ctx, exc: BaseException, code: int, internal: bool = False) -> None:
+    verbose = isinstance(ctx.obj, Globals) and ctx.obj.verbose
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if internal:
+        message = f"internal error: {type(exc).__name__}: {message}" + ("" if verbose else " (run with -v for the traceback)")
+    stderr_console().print(f"error: {message}", style="red", markup=False, highlight=False)
+    ctx.exit(code)
+
+
+app = typer.Typer(
+    cls=_Boundary,
+    name="icl",
+    help="Sparse feature circuits for in-context learning (Kharlapenko et al., ICML 2025).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"icl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _globals(
+    ctx: typer.Context,
+    store: Path = typer.Option(Path("artifacts"), "--store", envvar="ICL_STORE", help="Artifact store directory."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N] | xla."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed for every random choice."),
+    json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON document on stdout."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only artifact key(s) on stdout."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logs and tracebacks."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
+) -> None:
+    ctx.obj = Globals(store_path=store, device=device, dtype=dtype, seed=seed, json=json_out, quiet=quiet, verbose=verbose)
+
+
+def _register() -> None:
+    """Attach every subcommand module (each one small: parse, call the library, render)."""
+    import importlib
+
+    for module, name in _SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f"icl_cli.cli.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"icl_cli.cli.{module}":
+                continue  # not written yet
+            raise
+        if hasattr(mod, "app"):
+            app.add_typer(mod.app, name=name)
+        else:
+            mod.register(app)
+
+
+# (module in icl_cli.cli, sub-app name). A module exposes either `app` (a Typer group) or
+# `register(app)` (adds plain commands).
+_SUBCOMMANDS = [
+    ("store_cmd", "store"),
+    ("models_cmd", "models"),
+    ("tasks_cmd", "tasks"),
+    ("zoo_cmd", "zoo"),
+    ("train_sae_cmd", "train-sae"),
+    ("collect_cmd", "collect"),
+    ("clean_cmd", "clean"),
+]
+
+_register()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()
