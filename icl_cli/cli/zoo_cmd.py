@@ -1,0 +1,106 @@
+"""``icl zoo``: train and evaluate the bundled toy ICL model.
+
+    icl zoo train toy-icl                 # rewrites icl_cli/zoo/toy-icl (deterministic, ~25 min on 2 CPU cores)
+    icl zoo train toy-icl --out DIR --steps 300
+    icl zoo eval toy-icl                  # re-measure the targets and print them
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from icl_cli.cli.context import emit, g, log
+from icl_cli.errors import IclError
+
+app = typer.Typer(help="The bundled toy ICL model: train it, measure it.", no_args_is_help=True)
+
+
+def _check_name(name: str) -> None:
+    if name != "toy-icl":
+        raise IclError(f"unknown zoo model {name!r}; the zoo has: toy-icl")
+
+
+@app.command("train")
+def train_cmd(
+    ctx: typer.Context,
+    name: str = typer.Argument("toy-icl", help="Zoo model to train (toy-icl)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the bundled folder inside the package)."),
+    steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the recipe's)."),
+    evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Measure the targets after training."),
+) -> None:
+    """Train the toy model from the built-in tasks (deterministic on CPU for a fixed --seed)."""
+    _check_name(name)
+    gl = g(ctx)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from icl_cli.cli.context import stderr_console
+    from icl_cli.zoo.toy_icl import TOY_DIR, ToyConfig, train
+
+    cfg = ToyConfig(seed=gl.seed)
+    if steps is not None:
+        cfg.steps = steps
+    out_dir = out or TOY_DIR
+    with Progress(TextColumn("training toy-icl"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                  TimeRemainingColumn(), console=stderr_console(), disable=gl.quiet) as bar:
+        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
+        meta = train(cfg, out_dir, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss))
+    if evaluate_after:
+        meta["eval"] = _evaluate(out_dir, gl)
+        (out_dir / "toy_icl.json").write_text(json.dumps(meta, indent=2) + "\n")
+    emit(gl, {"path": str(out_dir), **meta}, table=lambda: _table(meta), keys=[str(out_dir)])
+
+
+@app.command("eval")
+def eval_cmd(
+    ctx: typer.Context,
+    name: str = typer.Argument("toy-icl", help="Zoo model to evaluate (toy-icl)."),
+    path: Optional[Path] = typer.Option(None, help="Model folder (default: the bundled one)."),
+    write: bool = typer.Option(False, help="Store the figures in the model's toy_icl.json."),
+) -> None:
+    """Measure accuracy by shots, 0-shot accuracy on shared-input tasks and task-vector gap closing."""
+    _check_name(name)
+    gl = g(ctx)
+    from icl_cli.zoo.toy_icl import TOY_DIR
+
+    model_dir = path or TOY_DIR
+    result = _evaluate(model_dir, gl)
+    if write:
+        meta_path = model_dir / "toy_icl.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta["eval"] = result
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    emit(gl, result, table=lambda: _table({"eval": result}), keys=[str(model_dir)])
+
+
+def _evaluate(model_dir: Path, gl) -> dict:
+    from icl_cli.core.models import load_model
+    from icl_cli.core.tasks import builtin_tasks
+    from icl_cli.zoo.toy_eval import evaluate
+
+    lm = load_model(str(model_dir), device=gl.device, dtype="float32")
+    return evaluate(lm.model, lm.tokenizer, list(builtin_tasks().values()), seed=gl.seed + 1,
+                    progress=lambda t: log(f"evaluating {t}", ctx_globals=gl))
+
+
+def _table(meta: dict):
+    from rich.table import Table
+
+    ev = meta.get("eval")
+    table = Table(title="toy-icl")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    if "final_loss" in meta:
+        table.add_row("final train loss", f"{meta['final_loss']:.4f}")
+        table.add_row("train seconds", f"{meta['train_seconds']:.0f}")
+    if ev:
+        for k, v in ev["mean_acc"].items():
+            table.add_row(f"mean acc {k}", f"{v:.3f}")
+        table.add_row("0-shot acc, shared-input tasks", f"{ev['shared_input_acc_0shot']:.3f}")
+        table.add_row("TV best layer", str(ev["tv_best_layer"]))
+        table.add_row("TV gap closed (best layer)", f"{ev['tv_gap_closed_best_layer']:.2f}")
+        table.add_row("TV gap closed (each task's best layer)", f"{ev['tv_gap_closed_own_best_layer']:.2f}")
+    return table
