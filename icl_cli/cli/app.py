@@ -35,8 +35,8 @@ class _Boundary(TyperGroup):
         except KeyboardInterrupt:
             stderr_console().print("interrupted; nothing partial was written to the store", style="red")
             ctx.exit(130)
-        except (typer.Exit, typer.Abort, SystemExit):
-            raise
+        except (typer.Exit, typer.Abort, SystemExit, typer.TyperException):
+            raise  # TyperException: typer's vendored click usage errors (exit 2)
         except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless -v
             import click
 

@@ -1,0 +1,304 @@
+"""The content-hashed artifact store: run a step once, find its output again by key or name.
+
+    store = Store("artifacts")
+    spec = StepSpec("collect", params=CollectParams(...), inputs={"model": model_art}, version=1)
+    res = store.run(spec, build, name="tv-antonyms")     # build(st: Staging) -> metrics | None
+    art = store.resolve("tv-antonyms", step="collect")   # full key, prefix >= 6 chars, or name
+    art.file("tv.h5")
+
+Layout under ``root``::
+
+    <kk>/<key>/manifest.json + data files   one read-only folder per artifact (kk = key[:2])
+    .names/<name>                           one small file per name, holding a key
+    .staging/<key>.<pid>.<rand>/            artifacts being written (see staging.py)
+    .work/<key>/                            resumable scratch of a step (checkpoints)
+    .trash/                                 artifacts being deleted (moved here first)
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from icl_cli.errors import IclError
+from icl_cli.store.artifact import MANIFEST_FORMAT, Artifact, StepResult, code_version, environment, read_manifest
+from icl_cli.store.fsutil import MANIFEST, atomic_write_text, copy_tree_writable, remove_tree
+from icl_cli.store.keys import KEY_RE, StepSpec, normalise, split_params
+from icl_cli.store.staging import Staging, finalise, new_staging_dir, now_iso, publish
+
+_logger = logging.getLogger("icl")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
+_HEX_RE = re.compile(r"^[0-9a-f]+$")
+MIN_PREFIX = 6
+
+Build = Callable[[Staging], Optional[Mapping[str, Any]]]
+Log = Callable[[str], None]
+
+
+class Store:
+    """A folder of immutable artifacts keyed by what they were computed from."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().absolute()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # ---- paths and listing ------------------------------------------------------------------
+
+    def artifact_path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> Artifact | None:
+        """The artifact with this full key, or None if it is not in the store."""
+        path = self.artifact_path(key)
+        if not (path / MANIFEST).is_file():
+            return None
+        return Artifact(self, key, path, read_manifest(path))
+
+    def keys(self) -> list[str]:
+        """Full keys of every published artifact."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for fan in self.root.iterdir():
+            if len(fan.name) == 2 and _HEX_RE.match(fan.name) and fan.is_dir():
+                out += [p.name for p in fan.iterdir() if KEY_RE.match(p.name) and (p / MANIFEST).is_file()]
+        return sorted(out)
+
+    def artifacts(self, step: str | None = None) -> list[Artifact]:
+        """Every artifact (optionally of one step), oldest first."""
+        arts = [a for a in (self.get(k) for k in self.keys()) if a is not None]
+        if step is not None:
+            arts = [a for a in arts if a.step == step]
+        return sorted(arts, key=lambda a: (a.created, a.key))
+
+    # ---- running steps ----------------------------------------------------------------------
+
+    def bind(self, spec: StepSpec) -> StepSpec:
+        """The same spec with every input turned into a full key (inputs may be refs or names)."""
+        inputs = {}
+        for name, value in spec.inputs.items():
+            if value is None:
+                continue
+            inputs[str(name)] = value.key if isinstance(value, Artifact) else self.resolve(str(value)).key
+        return StepSpec(step=spec.step, params=spec.params, inputs=inputs, version=spec.version)
+
+    def lookup(self, spec: StepSpec) -> Artifact | None:
+        """The artifact ``spec`` would produce, if it was already produced."""
+        return self.get(self.bind(spec).key)
+
+    def run(self, spec: StepSpec, build: Build, name: str | None = None, force: bool = False, log: Log | None = None) -> StepResult:
+        """Reuse the artifact of ``spec``, or run ``build`` in a staging folder and publish it.
+
+        ``build(st)`` writes files into ``st.dir`` and may return a metrics dict (stored in the
+        manifest). With ``force`` the step runs again and atomically replaces the old artifact.
+        """
+        say = log or _logger.info
+        if name is not None:
+            check_name(name)
+        spec = self.bind(spec)
+        key = spec.key
+        if not force:
+            art = self.get(key)
+            if art is not None:
+                say(f"reusing {key[:12]} (step {spec.step}); pass --force to recompute")
+                if name is not None:
+                    self.tag(art, name)
+                return StepResult(art, True)
+        hashed, speed = split_params(spec.params)
+        work_dir = self.root / ".work" / key
+        staging = new_staging_dir(self.root, key)
+        st = Staging(staging, key, spec.step, work_dir, device=speed.get("device"))
+        say(f"computing {key[:12]} (step {spec.step})")
+        try:
+            created, started = now_iso(), time.perf_counter()
+            metrics = build(st)
+            if metrics is not None and not isinstance(metrics, Mapping):
+                raise TypeError(f"build for step {spec.step} returned {type(metrics).__name__}; return a dict of metrics or None")
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "key": key,
+                "step": spec.step,
+                "version": spec.version,
+                "params": hashed,
+                "speed_params": speed,
+                "inputs": spec.input_keys,
+                "names": [name] if name else [],
+                "code": code_version(),
+                "env": dict(environment(), device=None if st.device is None else str(st.device)),
+                "created": created,
+                "duration_s": round(time.perf_counter() - started, 3),
+                "metrics": normalise(dict(metrics or {})),
+            }
+            finalise(staging, manifest)
+            if force:
+                self._retire(key)
+            won = publish(staging, self.artifact_path(key))
+        except BaseException:
+            remove_tree(staging)  # the work dir stays: a rerun resumes from its checkpoints
+            raise
+        if not won:
+            remove_tree(staging)
+            say(f"{key[:12]} was published meanwhile by another process; using that copy")
+        remove_tree(work_dir)
+        art = self.get(key)
+        if art is None:  # removed between publish and now (a concurrent gc)
+            raise IclError(f"artifact {key[:12]} vanished right after publishing; run the command again")
+        if name is not None:
+            self.tag(art, name)
+        return StepResult(art, False)
+
+    def _retire(self, key: str) -> bool:
+        """Move an artifact out of the way (atomically), then delete it."""
+        path = self.artifact_path(key)
+        if not path.exists():
+            return False
+        trash = self.root / ".trash" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chmod(path, 0o755)  # renaming a folder to a new parent needs write access to it
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False  # someone else removed it first
+        remove_tree(trash)
+        return True
+
+    # ---- references and names ---------------------------------------------------------------
+
+    def resolve(self, ref: "str | Artifact", step: str | Sequence[str] | None = None) -> Artifact:
+        """The artifact a full key, a unique key prefix (>= 6 chars) or a name refers to."""
+        art = ref if isinstance(ref, Artifact) else self._resolve(str(ref).strip())
+        steps = [step] if isinstance(step, str) else list(step or [])
+        if steps and art.step not in steps:
+            want = " or ".join(steps)
+            raise IclError(f"{ref if isinstance(ref, str) else art.key[:12]} is a {art.step} artifact, not {want}; pass the key or name of a {want} artifact")
+        return art
+
+    def _resolve(self, ref: str) -> Artifact:
+        if KEY_RE.match(ref):
+            art = self.get(ref)
+            if art is None:
+                raise IclError(f"no artifact {ref[:12]}… in store {self.root}; see `icl store ls`")
+            return art
+        names = self.names()
+        if ref in names:
+            art = self.get(names[ref])
+            if art is None:
+                raise IclError(f"name {ref!r} points at {names[ref][:12]}, which is no longer in the store; re-tag it with `icl store tag`")
+            return art
+        if ref and _HEX_RE.match(ref):
+            if len(ref) < MIN_PREFIX:
+                raise IclError(f"key prefix {ref!r} is too short; give at least {MIN_PREFIX} characters")
+            matches = [k for k in self._keys_in_fan(ref[:2]) if k.startswith(ref)]
+            if len(matches) == 1:
+                return self.get(matches[0])  # type: ignore[return-value]
+            if len(matches) > 1:
+                raise IclError(f"key prefix {ref!r} is ambiguous: {self._describe(matches)}; give more characters")
+        raise IclError(f"no artifact or name {ref!r} in store {self.root}; {self._candidates(ref, names)}")
+
+    def _keys_in_fan(self, fan: str) -> list[str]:
+        folder = self.root / fan
+        if not folder.is_dir():
+            return []
+        return [p.name for p in folder.iterdir() if KEY_RE.match(p.name) and (p / MANIFEST).is_file()]
+
+    def _describe(self, keys: Sequence[str], limit: int = 5) -> str:
+        parts = []
+        for k in list(keys)[:limit]:
+            art = self.get(k)
+            parts.append(f"{k[:12]} ({art.step if art else '?'})")
+        more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+        return ", ".join(parts) + more
+
+    def _candidates(self, ref: str, names: Mapping[str, str]) -> str:
+        close = difflib.get_close_matches(ref, list(names), n=5, cutoff=0.5)
+        if close:
+            return "did you mean: " + ", ".join(close)
+        recent = [a.key for a in self.artifacts()[-5:]][::-1]
+        if recent:
+            return "recent artifacts: " + self._describe(recent)
+        return "the store is empty"
+
+    def names(self) -> dict[str, str]:
+        """Every name -> the key it points at."""
+        folder = self.root / ".names"
+        if not folder.is_dir():
+            return {}
+        out = {}
+        for p in folder.iterdir():
+            if _NAME_RE.match(p.name) and p.is_file():
+                key = p.read_text(encoding="utf-8").strip()
+                if KEY_RE.match(key):
+                    out[p.name] = key
+        return dict(sorted(out.items()))
+
+    def names_of(self, key: str) -> list[str]:
+        return [n for n, k in self.names().items() if k == key]
+
+    def tag(self, ref: "str | Artifact", name: str) -> Artifact:
+        """Point ``name`` at an artifact (moving it if it pointed elsewhere); named lineage survives gc."""
+        check_name(name)
+        art = self.resolve(ref)
+        atomic_write_text(self.root / ".names" / name, art.key + "\n")
+        return art
+
+    def untag(self, name: str) -> str:
+        """Remove a name; returns the key it pointed at."""
+        path = self.root / ".names" / name
+        if not _NAME_RE.match(name) or not path.is_file():
+            raise IclError(f"no name {name!r} in store {self.root}; see `icl store ls`")
+        key = path.read_text(encoding="utf-8").strip()
+        path.unlink()
+        return key
+
+    # ---- integrity, lineage, import/export, gc ----------------------------------------------
+
+    def verify(self, ref: "str | Artifact") -> Artifact:
+        """Re-hash every file of an artifact; IntegrityError naming the damaged files."""
+        return self.resolve(ref).verify()
+
+    def lineage(self, ref: "str | Artifact") -> dict[str, Any]:
+        """{key, step, names, inputs: {input name: lineage of that input}} down to the roots."""
+        art = self.resolve(ref)
+        node: dict[str, Any] = {"key": art.key, "step": art.step, "names": art.names, "inputs": {}}
+        for name, key in art.inputs.items():
+            node["inputs"][name] = self.lineage(key) if self.get(key) else {"key": key, "step": None, "missing": True, "inputs": {}}
+        return node
+
+    def import_path(self, path: str | os.PathLike, kind: str, name: str | None = None, log: Log | None = None) -> StepResult:
+        """Bring an existing file or folder into the store (kinds: see ``store.imports.KINDS``)."""
+        from icl_cli.store.imports import import_path
+
+        return import_path(self, Path(path), kind, name=name, log=log)
+
+    def export(self, ref: "str | Artifact", dest: str | os.PathLike) -> Path:
+        """Copy an artifact's files (manifest included) into a new folder as writable files."""
+        art = self.resolve(ref)
+        dest = Path(dest).expanduser().absolute()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise IclError(f"{dest} already exists and is not an empty folder; choose a new destination")
+        art.verify()
+        copy_tree_writable(art.path, dest)
+        return dest
+
+    def gc(self, older_than_seconds: float = 14 * 86400, dry_run: bool = False):
+        """Delete unnamed artifacts outside named lineage, older than the grace period, and stale
+        staging/work folders. Returns a ``GcReport``."""
+        from icl_cli.store.gc import collect_garbage
+
+        return collect_garbage(self, older_than_seconds, dry_run)
+
+
+def check_name(name: str) -> None:
+    if not _NAME_RE.match(name or ""):
+        raise IclError(f"invalid name {name!r}: use letters, digits and '_.+=-' (up to 128), starting with a letter or digit")
+    if _HEX_RE.match(name) and len(name) >= MIN_PREFIX:
+        raise IclError(f"invalid name {name!r}: it looks like a key prefix; add a non-hex character")
