@@ -1,0 +1,255 @@
+"""Model presets and loading (SPEC §1): a preset name, a local folder or a Hugging Face id.
+
+    lm = load_model("gemma-1-2b-it", device="cuda", dtype="bfloat16")
+    lm = load_model("./my-checkpoint")                      # any folder written by save_pretrained
+    lm = load_model("google/gemma-2-9b", device_map="auto")  # split over the visible GPUs
+
+Every way loading can fail for a reason the user can fix (no network, a gated repo, a missing
+token, an unknown name, a folder without config.json) becomes an ``IclError`` with one line
+that says what to do. torch and transformers are imported inside the functions, so importing
+this module (e.g. for ``icl models ls``) stays cheap.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from icl_cli.errors import IclError
+
+TOY_DIR = Path(__file__).parent.parent / "zoo" / "toy-icl"
+
+_LOGIN = "log in with `huggingface-cli login` or set HF_TOKEN"
+
+
+class Preset(NamedTuple):
+    hf_id: str
+    """Hugging Face id (for ``toy-icl``: the bundled folder, relative to the package)."""
+    n_layers: int | None
+    """Decoder blocks (None: read from the checkpoint's config)."""
+    d_model: int | None
+    """Residual stream width."""
+    family: str
+    """HF ``model_type``: which hook table of arch.py applies."""
+    notes: str
+
+
+PRESETS: dict[str, Preset] = {
+    "toy-icl": Preset("icl_cli/zoo/toy-icl", None, None, "gemma", "bundled"),
+    "gemma-1-2b": Preset("google/gemma-2b", 18, 2048, "gemma", "base model"),
+    "gemma-1-2b-it": Preset("google/gemma-2b-it", 18, 2048, "gemma", "the paper's model"),
+    "gemma-2-2b": Preset("google/gemma-2-2b", 26, 2304, "gemma2", "Gemma Scope SAEs"),
+    "gemma-2-9b": Preset("google/gemma-2-9b", 42, 3584, "gemma2", "Gemma Scope SAEs"),
+    "phi-3-mini": Preset("microsoft/Phi-3-mini-4k-instruct", 32, 3072, "phi3", ""),
+    "llama-3.2-1b": Preset("meta-llama/Llama-3.2-1B", 16, 2048, "llama", "gated"),
+    "qwen2.5-0.5b": Preset("Qwen/Qwen2.5-0.5B", 24, 896, "qwen2", ""),
+    "gpt2": Preset("openai-community/gpt2", 12, 768, "gpt2", ""),
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    """The ``*ForCausalLM``, in eval mode, parameters frozen."""
+    tokenizer: Any
+    name: str
+    """What the user asked for (preset, folder or id)."""
+    hf_id: str
+    """Where it was loaded from: HF id or local folder."""
+    family: str
+    n_layers: int
+    d_model: int
+    device: Any
+    """torch.device of the embedding (the input device)."""
+    dtype: Any
+
+
+def preset_rows() -> list[dict]:
+    """The presets as plain rows (toy-icl's sizes read from its config.json when it exists)."""
+    rows = []
+    for name, p in PRESETS.items():
+        n_layers, d_model = p.n_layers, p.d_model
+        if name == "toy-icl" and (TOY_DIR / "config.json").is_file():
+            cfg = json.loads((TOY_DIR / "config.json").read_text())
+            n_layers, d_model = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
+        rows.append(dict(name=name, hf_id=p.hf_id, family=p.family, n_layers=n_layers, d_model=d_model, notes=p.notes))
+    return rows
+
+
+# ---------------------------------------------------------------- devices and dtypes
+
+def resolve_device(name: str = "auto"):
+    """``auto`` -> cuda when available, else cpu; ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xla``."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "xla":
+        return _xla_device()
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise IclError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N, mps or xla") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise IclError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise IclError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise IclError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise IclError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N, mps or xla")
+    return dev
+
+
+def _xla_device():
+    try:
+        import torch_xla.core.xla_model as xm
+    except ImportError:
+        raise IclError("--device xla needs torch_xla, which is not installed; `pip install torch_xla` or use cpu/cuda") from None
+    return xm.xla_device()
+
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "half": "float16", "float64": "float64", "fp64": "float64"}
+
+
+def resolve_dtype(name: str, device) -> Any:
+    """``auto`` -> float32 on CPU, bfloat16 on CUDA/XLA when supported; or an explicit name."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.bfloat16 if device.type == "xla" else torch.float32
+    if name not in _DTYPES:
+        raise IclError(f"unknown dtype {name!r}; use auto, float32, bfloat16, float16 or float64")
+    return getattr(torch, _DTYPES[name])
+
+
+# ---------------------------------------------------------------- names -> sources
+
+def resolve_source(name_or_path: str) -> tuple[str, bool]:
+    """(where to load from, is it a local folder) for a preset, a folder or a HF id."""
+    name = str(name_or_path).strip()
+    if name == "toy-icl":
+        if not (TOY_DIR / "config.json").is_file():
+            raise IclError("the bundled toy model is missing; run `icl zoo train toy-icl`")
+        return str(TOY_DIR), True
+    if name in PRESETS:
+        return PRESETS[name].hf_id, False
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise IclError(f"{name} is a file; pass the model's folder (the one holding config.json)")
+        if not (path / "config.json").is_file():
+            raise IclError(f"{name} has no config.json; pass a folder written by save_pretrained, a preset or a HF id")
+        return str(path), True
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
+        raise IclError(f"no such folder: {name}; pass an existing model folder, a preset (`icl models ls`) or a HF id")
+    if "/" not in name:
+        close = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise IclError(
+            f"unknown model {name!r}: {hint}`icl models ls` lists the presets; "
+            "or pass a local folder or a Hugging Face id such as google/gemma-2b"
+        )
+    return name, False
+
+
+def hub_error_message(name: str, hf_id: str, exc: BaseException) -> str:
+    """One line saying what to do about a failed Hub load (exc and its causes are inspected)."""
+    from huggingface_hub import errors as hub
+
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain).lower()
+
+    def has(*types) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain
+                   if getattr(getattr(e, "response", None), "status_code", None)), None)
+    if has(hub.GatedRepoError) or "gated repo" in text:
+        return f"{hf_id} is a gated model: accept its licence at https://huggingface.co/{hf_id}, then {_LOGIN}"
+    if has(hub.RepositoryNotFoundError) or "not a valid model identifier" in text:
+        return (f"model {name!r} was not found: not a preset (`icl models ls`), not a local folder, not a "
+                f"Hugging Face id; if the repo is private, {_LOGIN}")
+    if status in (401, 403):
+        return f"the Hub refused access to {hf_id} (HTTP {status}); {_LOGIN}"
+    if has(hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError) or "couldn't connect" in text:
+        return (f"cannot download {hf_id}: no network (or HF_HUB_OFFLINE is set) and it is not in the local cache; "
+                f"download it elsewhere (`huggingface-cli download {hf_id} --local-dir DIR`) and pass that folder")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"could not load {name}: {first}"
+
+
+# ---------------------------------------------------------------- loading
+
+def load_model(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode with frozen parameters.
+
+    name_or_path: preset (PRESETS), local folder or HF id. device: see resolve_device (ignored
+    when device_map is given, e.g. "auto" to spread a large model over GPUs with accelerate).
+    """
+    import torch
+    import transformers as tr
+
+    source, local = resolve_source(name_or_path)
+    dev = resolve_device(device) if device_map is None else None
+    torch_dtype = resolve_dtype(dtype, dev if dev is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def hub_call(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except IclError:
+            raise
+        except (OSError, ValueError, ImportError) as exc:
+            if isinstance(exc, ImportError) and device_map is not None and "accelerate" in str(exc).lower():
+                raise IclError("--device-map needs the accelerate package; `pip install accelerate`") from exc
+            if local:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise IclError(f"could not load the model folder {source}: {first}") from exc
+            raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
+
+    config = hub_call(tr.AutoConfig.from_pretrained, source, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if config.model_type == "gemma2":
+        kwargs["attn_implementation"] = "eager"  # attention-logit soft-capping (HF's advice for Gemma-2)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    tokenizer = hub_call(tr.AutoTokenizer.from_pretrained, source, trust_remote_code=trust_remote_code)
+    model = hub_call(tr.AutoModelForCausalLM.from_pretrained, source, config=config, **kwargs)
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; positions are masked anyway
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    embed = model.get_input_embeddings().weight
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=str(name_or_path),
+        hf_id=source,
+        family=config.model_type,
+        n_layers=int(text.num_hidden_layers),
+        d_model=int(text.hidden_size),
+        device=embed.device,
+        dtype=embed.dtype,
+    )
