@@ -164,13 +164,15 @@ def verify_cmd(
     for a in arts:
         problems = a.problems()
         rows.append({"key": a.key, "step": a.step, "ok": not problems, "problems": problems})
+    if all_:  # folders whose manifest itself is missing or unreadable
+        rows += [{"key": k, "step": None, "ok": False, "problems": [p]} for k, p in store.damaged().items()]
 
     def table() -> Table:
         t = Table(box=None, header_style="bold")
         for col in ("key", "step", "status"):
             t.add_column(col)
         for r in rows:
-            t.add_row(r["key"][:12], r["step"], Text("ok", style="green") if r["ok"] else Text("; ".join(r["problems"]), style="red"))
+            t.add_row(r["key"][:12], r["step"] or "?", Text("ok", style="green") if r["ok"] else Text("; ".join(r["problems"]), style="red"))
         return t
 
     emit(gl, data=rows, table=table, keys=[r["key"] for r in rows])

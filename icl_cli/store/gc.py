@@ -1,8 +1,9 @@
 """Garbage collection: keep what names lead to, sweep the rest once it is old enough.
 
-1. Protected = every named artifact and, recursively, every artifact it was made from.
-2. Every other artifact created more than ``older_than_seconds`` ago is moved to ``.trash``
-   (one atomic rename, so readers never see half a folder) and deleted.
+1. Kept = every named artifact, every artifact published within the last ``older_than_seconds``,
+   and, recursively, every artifact any of those was made from (lineage never breaks).
+2. Every other artifact is moved to ``.trash`` (one atomic rename, so readers never see half a
+   folder) and deleted; so are folders of the layout whose manifest is missing or unreadable.
 3. Staging folders of writers that are dead (the pid in their name is gone, or they are older
    than ``STAGING_MAX_AGE_S``) and ``.trash`` leftovers are deleted.
 4. Work folders (checkpoints) are deleted once their artifact is published, or when no writer is
@@ -17,8 +18,9 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
+from icl_cli.errors import IntegrityError
 from icl_cli.store.fsutil import newest_mtime, remove_tree, tree_size
 from icl_cli.store.keys import KEY_RE
 
@@ -81,23 +83,27 @@ def _stale_writer_dir(path: Path, now: float) -> bool:
     return not pid_alive(pid) or now - newest_mtime(path) > STAGING_MAX_AGE_S
 
 
-def _created(art) -> float:
+def _finished(art) -> float:
+    """When the artifact was published (creation is when its step started)."""
     try:
-        return dt.datetime.fromisoformat(art.created).timestamp()
+        return dt.datetime.fromisoformat(art.created).timestamp() + float(art.manifest.get("duration_s") or 0)
     except (TypeError, ValueError):
         return art.path.stat().st_mtime
 
 
-def protected_keys(store: "Store") -> set[str]:
-    """Named artifacts and everything in their lineage (inputs, recursively)."""
-    todo = list(store.names().values())
+def lineage_closure(store: "Store", roots: Iterable[str]) -> set[str]:
+    """``roots`` and everything they were made from (inputs, recursively)."""
+    todo = list(roots)
     seen: set[str] = set()
     while todo:
         key = todo.pop()
         if key in seen:
             continue
         seen.add(key)
-        art = store.get(key)
+        try:
+            art = store.get(key)
+        except IntegrityError:
+            continue  # unreadable manifest: its inputs are unknown
         if art is not None:
             todo += list(art.inputs.values())
     return seen
@@ -107,7 +113,10 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
     now = time.time()
     cutoff = now - older_than_seconds
     report = GcReport(dry_run=dry_run)
-    keep = protected_keys(store)
+    arts = store.artifacts()
+    named = lineage_closure(store, store.names().values())
+    # what is named or young stays, and so does everything it was made from
+    keep = lineage_closure(store, list(named) + [a.key for a in arts if _finished(a) > cutoff])
     live_keys = set()
 
     for sub in (".staging", ".trash"):
@@ -121,10 +130,10 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
             elif sub == ".staging":
                 live_keys.add(_writer(path)[0])
 
-    for art in store.artifacts():
-        if art.key in keep or _created(art) > cutoff:
+    for art in arts:
+        if art.key in keep:
             report.kept += 1
-            report.protected += art.key in keep
+            report.protected += art.key in named
             continue
         report.removed.append({"key": art.key, "step": art.step, "created": art.created, "size": art.size})
         report.freed_bytes += art.size
@@ -134,6 +143,14 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
                 art.path.parent.rmdir()  # the fan-out folder, if now empty
             except OSError:
                 pass
+
+    for key, problem in store.damaged().items():  # folders whose manifest is gone or unreadable
+        path = store.artifact_path(key)
+        if key not in keep and newest_mtime(path) <= cutoff:
+            report.removed.append({"key": key, "step": None, "created": None, "size": tree_size(path), "problem": problem})
+            report.freed_bytes += tree_size(path)
+            if not dry_run:
+                store._retire(key)
 
     work = store.root / ".work"
     for path in sorted(work.iterdir()) if work.is_dir() else []:

@@ -44,12 +44,14 @@ SPEED_PARAMS: frozenset[str] = frozenset(
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-def normalise(value: Any) -> Any:
-    """A JSON-ready copy of ``value`` in which equal settings are spelled the same way."""
+def normalise(value: Any, exact_floats: bool = False) -> Any:
+    """A JSON-ready copy of ``value`` in which equal settings are spelled the same way.
+
+    ``exact_floats`` keeps integral floats as floats (for data and metrics, not for keys)."""
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, enum.Enum):
-        return normalise(value.value)
+        return normalise(value.value, exact_floats)
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
@@ -57,24 +59,24 @@ def normalise(value: Any) -> Any:
             return "nan"
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
-        if value.is_integer():
+        if value.is_integer() and not exact_floats:
             return int(value)  # 1.0 == 1; also folds -0.0 into 0
         return float(value)
     if isinstance(value, PurePath):
         return value.as_posix()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: normalise(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: normalise(getattr(value, f.name), exact_floats) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {str(k): normalise(v) for k, v in value.items()}
+        return {str(k): normalise(v, exact_floats) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [normalise(v) for v in value]
+        return [normalise(v, exact_floats) for v in value]
     if isinstance(value, (set, frozenset)):
-        items = [normalise(v) for v in value]
+        items = [normalise(v, exact_floats) for v in value]
         return sorted(items, key=canonical_json)
     if hasattr(value, "item") and getattr(value, "ndim", 0) == 0 and hasattr(value, "dtype"):
-        return normalise(value.item())  # numpy / torch scalars
+        return normalise(value.item(), exact_floats)  # numpy / torch scalars
     if hasattr(value, "tolist"):
-        return normalise(value.tolist())  # small arrays and tensors
+        return normalise(value.tolist(), exact_floats)  # small arrays and tensors
     if type(value).__module__ == "torch" and type(value).__name__ in ("dtype", "device"):
         return str(value)
     raise TypeError(f"cannot hash a parameter of type {type(value).__name__}: {value!r}")

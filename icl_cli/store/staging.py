@@ -81,10 +81,11 @@ class Staging:
             yield f
 
     def write_json(self, fname: str, obj: Any) -> Path:
+        """Write ``obj`` as JSON (numpy/torch values, paths and dataclasses converted; NaN as "nan")."""
         from icl_cli.store.keys import normalise
 
         path = self.path(fname)
-        path.write_text(json.dumps(normalise(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        path.write_text(json.dumps(normalise(obj, exact_floats=True), indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return path
 
 

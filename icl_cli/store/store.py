@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from icl_cli.errors import IclError
+from icl_cli.errors import IclError, IntegrityError
 from icl_cli.store.artifact import MANIFEST_FORMAT, Artifact, StepResult, code_version, environment, read_manifest
 from icl_cli.store.fsutil import MANIFEST, atomic_write_text, copy_tree_writable, remove_tree
 from icl_cli.store.keys import KEY_RE, StepSpec, normalise, split_params
@@ -63,21 +63,41 @@ class Store:
             return None
         return Artifact(self, key, path, read_manifest(path))
 
-    def keys(self) -> list[str]:
-        """Full keys of every published artifact."""
+    def _artifact_dirs(self) -> list[Path]:
+        """Every key-named folder of the fan-out layout."""
         if not self.root.is_dir():
             return []
         out = []
         for fan in self.root.iterdir():
             if len(fan.name) == 2 and _HEX_RE.match(fan.name) and fan.is_dir():
-                out += [p.name for p in fan.iterdir() if KEY_RE.match(p.name) and (p / MANIFEST).is_file()]
-        return sorted(out)
+                out += [p for p in fan.iterdir() if KEY_RE.match(p.name) and p.is_dir()]
+        return sorted(out, key=lambda p: p.name)
+
+    def keys(self) -> list[str]:
+        """Full keys of every published artifact."""
+        return [p.name for p in self._artifact_dirs() if (p / MANIFEST).is_file()]
+
+    def damaged(self) -> dict[str, str]:
+        """Key -> what is wrong, for folders in the layout whose manifest is missing or unreadable."""
+        out = {}
+        for path in self._artifact_dirs():
+            try:
+                read_manifest(path)
+            except IntegrityError as exc:
+                out[path.name] = str(exc)
+        return out
 
     def artifacts(self, step: str | None = None) -> list[Artifact]:
-        """Every artifact (optionally of one step), oldest first."""
-        arts = [a for a in (self.get(k) for k in self.keys()) if a is not None]
-        if step is not None:
-            arts = [a for a in arts if a.step == step]
+        """Every readable artifact (optionally of one step), oldest first."""
+        arts = []
+        for key in self.keys():
+            try:
+                art = self.get(key)
+            except IntegrityError as exc:
+                _logger.warning("skipping %s: %s", key[:12], exc)
+                continue
+            if art is not None and (step is None or art.step == step):
+                arts.append(art)
         return sorted(arts, key=lambda a: (a.created, a.key))
 
     # ---- running steps ----------------------------------------------------------------------
@@ -136,7 +156,7 @@ class Store:
                 "env": dict(environment(), device=None if st.device is None else str(st.device)),
                 "created": created,
                 "duration_s": round(time.perf_counter() - started, 3),
-                "metrics": normalise(dict(metrics or {})),
+                "metrics": normalise(dict(metrics or {}), exact_floats=True),
             }
             finalise(staging, manifest)
             if force:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from store_helpers import make
 from icl_cli.errors import IclError
 from icl_cli.store import imports
 
@@ -100,7 +99,7 @@ def test_import_sae_uses_the_converter_when_there_is_one(store, tmp_path, monkey
     assert art.params["via"] == "convert" and art.metrics["d_sae"] == 8 and list(art.files) == ["cfg.json"]
 
 
-def test_export_copies_writable_files_and_the_manifest(store, tmp_path):
+def test_export_copies_writable_files_and_the_manifest(store, tmp_path, make):
     art = make(store, layer=1, name="tv")
     dest = store.export("tv", tmp_path / "out")
     assert sorted(p.name for p in dest.iterdir()) == ["manifest.json", "out.json"]

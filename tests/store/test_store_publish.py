@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from store_helpers import make, spawn
 from icl_cli.errors import IclError
-from icl_cli.store import Store, StepSpec
+from icl_cli.store import StepSpec
 from icl_cli.store.staging import publish
 
 
@@ -25,9 +24,9 @@ def _build_all(st):
     st.save_safetensors("tv.safetensors", {"tv": torch.arange(6.0).reshape(2, 3)}, metadata={"layer": 3})
     with st.h5("acts.h5") as f:
         f["x"] = [1.0, 2.0]
-    st.write_json("sub/info.json", {"ok": True})
+    st.write_json("sub/info.json", {"ok": True, "scale": 1.0, "path": Path("a/b")})
     (st.work_dir / "ckpt.pt").write_bytes(b"checkpoint")
-    return {"nll": 2.5}
+    return {"nll": 2.5, "acc": 1.0}
 
 
 def test_publish_writes_manifest_provenance_and_readonly_files(store):
@@ -39,7 +38,9 @@ def test_publish_writes_manifest_provenance_and_readonly_files(store):
     m = json.loads((art.path / "manifest.json").read_text())
     assert m["key"] == art.key and m["step"] == "collect" and m["version"] == 2
     assert m["params"] == {"layer": 3} and m["speed_params"] == {"batch_size": 4, "device": "cpu"}
-    assert m["metrics"] == {"nll": 2.5} and m["names"] == ["tv3"] and art.names == ["tv3"]
+    assert m["metrics"] == {"nll": 2.5, "acc": 1.0} and isinstance(m["metrics"]["acc"], float)
+    assert json.loads(art.file("sub/info.json").read_text()) == {"ok": True, "scale": 1.0, "path": "a/b"}
+    assert m["names"] == ["tv3"] and art.names == ["tv3"]
     assert m["code"]["icl_cli"] and m["env"]["python"] and m["env"]["device"] == "cpu"
     assert m["created"] and m["duration_s"] >= 0
     assert set(m["files"]) == {"tv.safetensors", "acts.h5", "sub/info.json"}
@@ -106,7 +107,7 @@ def test_a_step_may_not_write_the_manifest(store):
     assert store.keys() == []
 
 
-def test_publish_onto_an_existing_artifact_keeps_theirs(store, tmp_path):
+def test_publish_onto_an_existing_artifact_keeps_theirs(store, tmp_path, make):
     art = make(store, layer=1)
     ours = tmp_path / "ours"
     ours.mkdir()
@@ -126,7 +127,7 @@ Store(sys.argv[1]).run(StepSpec("collect", {"layer": 5}), build)
 """
 
 
-def test_kill_9_mid_write_leaves_no_artifact_and_gc_cleans(store):
+def test_kill_9_mid_write_leaves_no_artifact_and_gc_cleans(store, spawn):
     proc = spawn(_KILL_WRITER, str(store.root))
     try:
         assert proc.stdout.readline().strip() == "written", proc.stderr.read()
@@ -156,7 +157,7 @@ for i in range(10_000):
 """
 
 
-def test_kill_9_at_a_random_moment_never_leaves_a_partial_artifact(store):
+def test_kill_9_at_a_random_moment_never_leaves_a_partial_artifact(store, spawn):
     proc = spawn(_LOOP_WRITER, str(store.root))
     try:
         for _ in range(3):
@@ -181,7 +182,8 @@ from icl_cli.store import Store, StepSpec
 store, marks = Store(sys.argv[1]), Path(sys.argv[2])
 def build(st):
     (marks / f"built.{os.getpid()}").touch()
-    while len(list(marks.glob("built.*"))) < 2:  # wait until both writers are building
+    deadline = time.time() + 20
+    while len(list(marks.glob("built.*"))) < 2 and time.time() < deadline:  # both are building
         time.sleep(0.01)
     st.write_json("tv.json", {"value": 42})
 res = store.run(StepSpec("collect", {"layer": 7}), build, log=lambda m: print("log:", m, file=sys.stderr))
@@ -189,7 +191,7 @@ print(res.artifact.key)
 """
 
 
-def test_two_concurrent_writers_of_one_key_both_succeed(store, tmp_path):
+def test_two_concurrent_writers_of_one_key_both_succeed(store, tmp_path, spawn):
     marks = tmp_path / "marks"
     marks.mkdir()
     procs = [spawn(_RACE_WRITER, str(store.root), str(marks)) for _ in range(2)]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from store_helpers import make
 from icl_cli.errors import IclError
 from icl_cli.store import StepSpec, compute_key
 
 
-def test_resolve_by_key_prefix_and_name(store):
+def test_resolve_by_key_prefix_and_name(store, make):
     art = make(store, layer=1, name="tv-a")
     assert store.resolve(art.key).key == art.key
     assert store.resolve(art.key[:6]).key == art.key
@@ -19,7 +18,7 @@ def test_resolve_by_key_prefix_and_name(store):
         store.resolve(art.key[:5])
 
 
-def test_step_mismatch_says_what_it_is(store):
+def test_step_mismatch_says_what_it_is(store, make):
     art = make(store, step="collect", layer=1)
     assert store.resolve(art.key, step="collect").step == "collect"
     assert store.resolve(art.key, step=("train-sae", "collect")).step == "collect"
@@ -27,7 +26,7 @@ def test_step_mismatch_says_what_it_is(store):
         store.resolve(art.key[:8], step="train-sae")
 
 
-def test_ambiguous_prefix_lists_candidates(store):
+def test_ambiguous_prefix_lists_candidates(store, make):
     # find two parameter values whose keys share the first 6 hex digits (birthday: ~4k tries)
     seen: dict[str, int] = {}
     for i in range(200_000):
@@ -43,7 +42,7 @@ def test_ambiguous_prefix_lists_candidates(store):
     assert store.resolve(a.key[:20]).key == a.key
 
 
-def test_unknown_ref_suggests_close_names_or_recent_artifacts(store):
+def test_unknown_ref_suggests_close_names_or_recent_artifacts(store, make):
     with pytest.raises(IclError, match="store is empty"):
         store.resolve("tv-antonyms")
     art = make(store, layer=1, name="tv-antonyms")
@@ -55,7 +54,7 @@ def test_unknown_ref_suggests_close_names_or_recent_artifacts(store):
         store.resolve("f" * 64)
 
 
-def test_tags_move_and_untag(store):
+def test_tags_move_and_untag(store, make):
     a, b = make(store, layer=1), make(store, layer=2)
     store.tag(a.key[:8], "best")
     assert store.names() == {"best": a.key} and a.names == ["best"]
@@ -67,7 +66,7 @@ def test_tags_move_and_untag(store):
             store.tag(a, bad)
 
 
-def test_inputs_given_as_names_or_prefixes_bind_to_full_keys(store):
+def test_inputs_given_as_names_or_prefixes_bind_to_full_keys(store, make):
     model = make(store, step="import-model", name="toy")
     by_name = StepSpec("collect", {"layer": 1}, {"model": "toy"})
     by_key = StepSpec("collect", {"layer": 1}, {"model": model.key})

@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-from store_helpers import make
 from icl_cli.errors import IntegrityError
 
 
@@ -17,7 +16,7 @@ def _flip_one_byte(path):
     path.write_bytes(bytes(data))
 
 
-def test_verify_catches_one_flipped_byte(store):
+def test_verify_catches_one_flipped_byte(store, make):
     art = make(store, layer=1)
     assert store.verify(art.key[:8]).problems() == []
     _flip_one_byte(art.file("out.json"))
@@ -26,7 +25,7 @@ def test_verify_catches_one_flipped_byte(store):
     assert exc.value.exit_code == 3
 
 
-def test_verify_names_missing_and_extra_files_and_a_forged_manifest(store):
+def test_verify_names_missing_and_extra_files_and_a_forged_manifest(store, make):
     art = make(store, layer=1)
     os.chmod(art.path, 0o755)
     (art.path / "stray.bin").write_bytes(b"x")
@@ -37,7 +36,7 @@ def test_verify_names_missing_and_extra_files_and_a_forged_manifest(store):
     assert any("do not hash to the key" in p for p in art.problems())
 
 
-def test_gc_keeps_named_lineage_and_removes_the_rest(store):
+def test_gc_keeps_named_lineage_and_removes_the_rest(store, make):
     model = make(store, step="import-model", m=1)
     sae = make(store, step="train-sae", inputs={"model": model}, layer=3)
     tv = make(store, step="collect", inputs={"model": model}, layer=3)
@@ -63,7 +62,7 @@ def test_gc_keeps_named_lineage_and_removes_the_rest(store):
     assert store.keys() == []
 
 
-def test_gc_sweeps_idle_work_dirs_and_dangling_names(store):
+def test_gc_sweeps_idle_work_dirs_and_dangling_names(store, make):
     art = make(store, layer=1, name="keep")
     idle = store.root / ".work" / ("c" * 64)
     idle.mkdir(parents=True)
@@ -75,3 +74,28 @@ def test_gc_sweeps_idle_work_dirs_and_dangling_names(store):
     assert first.names == ["ghost"] and store.names() == {"keep": art.key}
     report = store.gc(older_than_seconds=0)
     assert report.work == [str(idle)] and not idle.exists()
+
+
+def test_gc_keeps_what_young_artifacts_were_made_from(store, make):
+    old_model = make(store, step="import-model", m=1)
+    young = make(store, step="collect", inputs={"model": old_model}, layer=1)
+    # make the model look 30 days old and the collect brand new
+    m = dict(old_model.manifest, created="2000-01-01T00:00:00+00:00")
+    old_model.path.chmod(0o755)
+    (old_model.path / "manifest.json").chmod(0o644)
+    (old_model.path / "manifest.json").write_text(__import__("json").dumps(m))
+    report = store.gc(older_than_seconds=3600)
+    assert report.removed == [] and set(store.keys()) == {old_model.key, young.key}
+
+
+def test_a_folder_with_a_broken_manifest_is_reported_and_swept(store, make):
+    good, bad = make(store, layer=1), make(store, layer=2)
+    bad.path.chmod(0o755)
+    (bad.path / "manifest.json").chmod(0o644)
+    (bad.path / "manifest.json").write_text("{truncated")
+    assert [a.key for a in store.artifacts()] == [good.key]
+    assert list(store.damaged()) == [bad.key]
+    with pytest.raises(IntegrityError, match="unreadable"):
+        store.resolve(bad.key)
+    report = store.gc(older_than_seconds=0)
+    assert [r["key"] for r in report.removed] == [good.key, bad.key] and store.damaged() == {}
