@@ -178,26 +178,60 @@ def read_sparsity(folder: Path) -> Tensor | None:
 
 def _split_release(spec: str) -> tuple[str, str] | None:
     """'release/sae_id…' -> (release, sae_id) when the release is in SAELens's directory."""
-    if "/" not in spec:
+    if "/" not in spec or spec.startswith(("/", ".", "~")):
         return None
     release, sae_id = spec.split("/", 1)
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    return (release, sae_id) if release in _saelens_releases() else None
 
-    return (release, sae_id) if release in get_pretrained_saes_directory() else None
+
+def _saelens_releases() -> set[str]:
+    """Release names from SAELens's pretrained_saes.yaml, read without importing sae_lens (slow)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or spec.origin is None:
+        return set()
+    path = Path(spec.origin).parent / "pretrained_saes.yaml"
+    if not path.exists():
+        return set()
+    return set(yaml.safe_load(path.read_text()) or {})
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def load_pretrained(release: str, sae_id: str) -> Dictionary:
-    """A SAELens pretrained release (e.g. Gemma Scope), downloaded through sae_lens."""
+    """A SAELens pretrained release (e.g. Gemma Scope), downloaded through sae_lens.
+
+    Without network the Hugging Face cache is used; if the SAE is not cached this fails at once
+    with one line instead of retrying for a minute.
+    """
+    import huggingface_hub.constants as hf_constants
     from sae_lens import SAE
 
+    offline = hf_constants.HF_HUB_OFFLINE or not hub_reachable()
+    saved = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = offline
     try:
         sae = SAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as exc:  # noqa: BLE001 - network, auth, unknown id: one line for the user
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise IclError(
-            f"could not fetch SAE {release}/{sae_id} from the Hugging Face Hub ({type(exc).__name__}: {msg[:160]}); "
-            "check the network and HF_TOKEN, or pass a local SAELens folder"
-        ) from None
+        if offline:
+            raise IclError(f"cannot fetch SAE {release}/{sae_id}: no network and it is not in the Hugging Face cache; "
+                           "connect (set HF_TOKEN for gated repos) or pass a local SAELens folder") from None
+        msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise IclError(f"could not fetch SAE {release}/{sae_id} ({type(exc).__name__}: {msg}); "
+                       "check the id, the network and HF_TOKEN, or pass a local SAELens folder") from None
+    finally:
+        hf_constants.HF_HUB_OFFLINE = saved
     cfg = sae.cfg.to_dict()
     fields = {"extra": {"format": "saelens-release", "release": release, "sae_id": sae_id}}
     return from_saelens(cfg, sae.state_dict(), **fields)

@@ -1,0 +1,130 @@
+"""``icl train-sae``: SAEs and transcoders for a model (SPEC §9).
+
+    icl train-sae --layer all                                   # gated residual SAEs, toy model
+    icl train-sae --site transcoder --layer 2,3 --arch topk --k 16
+    icl train-sae --model gemma-1-2b --layer 12 --width 32768 --dataset HuggingFaceFW/fineweb
+    KEY=$(icl -q train-sae --layer 3)
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+
+from icl_cli.cli.context import emit, g, stderr_console
+from icl_cli.errors import IclError
+
+
+def parse_layers(values: list[str], n_layers: int) -> list[int]:
+    """["1,3", "5"] -> [1, 3, 5]; "all" -> every layer."""
+    layers: list[int] = []
+    for v in values:
+        for part in v.split(","):
+            part = part.strip()
+            if part == "all":
+                layers += range(n_layers)
+            elif part.lstrip("-").isdigit():
+                layers.append(int(part))
+            elif part:
+                raise IclError(f"cannot read --layer {part!r}: give integers, '1,3,5' or 'all'")
+    return sorted(set(layers))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train-sae")
+    def train_sae(
+        ctx: typer.Context,
+        model: str = typer.Option("toy-icl", "--model", help="Model preset, HF id or local folder."),
+        layer: List[str] = typer.Option(["all"], "--layer", help="Layer(s): repeat, or '1,3,5', or 'all'."),
+        site: str = typer.Option("resid", "--site", help="resid (resid_pre) | attn (attn_out) | transcoder (mlp_in -> mlp_out)."),
+        arch: str = typer.Option("gated", "--arch", help="gated (paper) | standard | topk | jumprelu."),
+        width: Optional[int] = typer.Option(None, "--width", help="Features per dictionary (default 16 × d_model)."),
+        k: int = typer.Option(32, "--k", help="Active features per token (top-k)."),
+        l1: Optional[float] = typer.Option(None, "--l1", help="Sparsity coefficient (default: per architecture)."),
+        lr: float = typer.Option(4e-4, "--lr", help="Adam learning rate (paper 4e-4)."),
+        tokens: Optional[int] = typer.Option(None, "--tokens", help="Training tokens (default 2M for toy-icl, 300M otherwise)."),
+        batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per step."),
+        ctx_len: int = typer.Option(128, "--ctx", help="Context length of the activation chunks."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="HF dataset (streamed) or local .txt/.jsonl (default: the toy's task prompts, else FineWeb)."),
+        checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
+        name: Optional[str] = typer.Option(None, "--name", help="Name the artifact (NAME.LAYER for several layers)."),
+        force: bool = typer.Option(False, "--force", help="Retrain even if the artifact exists."),
+    ) -> None:
+        """Train SAEs / transcoders; one artifact (a SAELens folder) per layer."""
+        gl = g(ctx)
+        from icl_cli.train_sae.config import TrainConfig
+
+        cfg = TrainConfig(model=model, layers=[0], site=site, arch=arch, width=width, k=k, l1=l1, lr=lr,
+                          tokens=tokens or 0, batch_tokens=batch_tokens, ctx=ctx_len, dataset=dataset,
+                          checkpoint_every=checkpoint_every, seed=gl.seed)
+        if tokens is not None and tokens <= 0:
+            raise IclError("--tokens must be positive")
+        if checkpoint_every < 0:
+            raise IclError("--checkpoint-every must be ≥ 0")
+
+        from icl_cli.core.models import load_model
+        from icl_cli.train_sae.run import train_sae_artifacts
+
+        lm = load_model(model, device=gl.device, dtype=gl.dtype)
+        cfg.layers = parse_layers(layer, lm.n_layers)
+        if not cfg.layers:
+            raise IclError("give at least one --layer")
+        with _progress_bar(gl) as progress:
+            results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
+                                          progress=progress, log=lambda m: None if gl.quiet else stderr_console().print(m, style="dim", markup=False))
+
+        def row(r):
+            m = r.metrics
+            return {"key": r.key, "layer": r.layer, "reused": r.reused,
+                    "metrics": {k: m.get(k) for k in ("l0", "fvu", "dead_fraction", "ce_recovered")}}
+
+        rows = [row(r) for r in results]
+
+        def table():
+            from rich.table import Table
+
+            t = Table(title=f"{arch} {site} dictionaries for {model}")
+            for col in ("layer", "L0", "FVU", "dead", "CE recovered", "key", ""):
+                t.add_column(col, justify="left" if col in ("key", "") else "right")
+            for r in rows:
+                m = r["metrics"]
+                f = lambda v, p: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+                t.add_row(str(r["layer"]), f(m["l0"], 1), f(m["fvu"], 3), f(m["dead_fraction"], 3),
+                          f(m["ce_recovered"], 3), r["key"][:12], "reused" if r["reused"] else "")
+            return t
+
+        data = [{"key": r["key"], "metrics": r["metrics"]} for r in rows]
+        emit(gl, data=data[0] if len(data) == 1 else data, table=table, keys=[r["key"] for r in rows])
+
+
+class _progress_bar:
+    """A rich progress bar on stderr showing tokens/s, L0 and FVU; a no-op under -q or --json."""
+
+    def __init__(self, gl):
+        self.enabled = not gl.quiet
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train-sae"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            console=stderr_console(), transient=True)
+        self.bar.start()
+        self.task = None
+        return self.update
+
+    def update(self, info: dict) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("train", total=info["total_steps"], info="")
+        text = f"{info['tokens_per_s']:,.0f} tok/s  L0 {info['l0']:.1f}  FVU {info['fvu']:.3f}"
+        self.bar.update(self.task, completed=info["step"], info=text)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False

@@ -1,0 +1,69 @@
+"""`icl train-sae` as a store step: one artifact per trained dictionary.
+
+    res = train_sae_artifacts(store, cfg, lm, resume=False, name=None, force=False, progress=None)
+
+Each artifact is a SAELens folder (cfg.json, sae_weights.safetensors, sparsity.safetensors) plus
+curves.h5 with the training curves; its manifest metrics hold l0, fvu, dead_fraction and
+ce_recovered. Layers that already have an artifact are reused; the others train together, with
+their checkpoints in the work dir of the first pending layer's key (so --resume finds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from icl_cli.train_sae.config import TrainConfig
+
+VERSION = 1
+
+
+@dataclass
+class SaeArtifact:
+    layer: int
+    key: str
+    metrics: dict
+    reused: bool
+
+
+def _write(st, r) -> dict:
+    from icl_cli.dictionaries.io import save_saelens
+
+    save_saelens(r.sae, st.dir, sparsity=r.sparsity,
+                 save_file=lambda name, tensors, metadata=None: st.save_safetensors(name, tensors, metadata))
+    with st.h5("curves.h5") as f:
+        for k, v in r.curves.items():
+            f.create_dataset(k, data=v)
+        f.attrs["layer"] = r.layer
+    return r.metrics
+
+
+def train_sae_artifacts(
+    store, cfg: TrainConfig, lm, resume: bool = False, name: str | None = None, force: bool = False,
+    progress: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
+) -> list[SaeArtifact]:
+    from icl_cli.store import StepSpec
+    from icl_cli.train_sae.trainer import train_dictionaries
+
+    cfg = cfg.resolved(lm.d_model, lm.n_layers)
+    specs = {l: StepSpec(step="train-sae", params={**cfg.params(l), "device": str(lm.device)}, version=VERSION)
+             for l in cfg.layers}
+    pending = [l for l in cfg.layers if force or store.lookup(specs[l]) is None]
+    trained: dict[int, Any] = {}
+
+    def build_for(layer: int):
+        def build(st) -> dict:
+            if not trained:
+                group = replace(cfg, layers=pending)
+                for r in train_dictionaries(group, lm, work_dir=st.work_dir, resume=resume, progress=progress):
+                    trained[r.layer] = r
+            return _write(st, trained[layer])
+
+        return build
+
+    out = []
+    for l in cfg.layers:
+        tag = None if name is None else (name if len(cfg.layers) == 1 else f"{name}.{l}")
+        res = store.run(specs[l], build_for(l), name=tag, force=force and l in pending, log=log)
+        out.append(SaeArtifact(l, res.artifact.key, dict(res.artifact.metrics or {}), res.reused))
+    return out
