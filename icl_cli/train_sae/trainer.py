@@ -173,6 +173,10 @@ def train_dictionaries(
             st.n_out = math.sqrt(lm.d_model) / buf.t.float().norm(dim=-1).mean(0).clamp_min(1e-12).cpu()
         else:
             st.n_out = st.n_in.clone()
+        target0 = (buf.t if buf.t is not None else buf.x).float()
+        with torch.no_grad():
+            for i, d in enumerate(dicts):  # start the decoder bias at the mean target
+                d.b_dec.copy_(target0[:, i].mean(0) * st.n_out[i].to(target0.device))
 
     n_in, n_out = st.n_in.to(device), st.n_out.to(device)
     t_start, tok_start = time.perf_counter(), st.tokens
