@@ -16,6 +16,8 @@ from typing import Sequence
 from icl_cli.errors import IclError
 
 ROLES = ("prompt", "input", "arrow", "output", "newline")
+DUMMY_PAIR = ("X", "Y")
+"""The dummy example prepended to 0-shot prompts for detector steering (SPEC §6)."""
 ROLE_CODE = {name: i + 1 for i, name in enumerate(ROLES)}  # 0 = no role
 # When one token holds the ends of two segments, the higher priority wins.
 _PRIORITY = {"prompt": 0, "newline": 1, "input": 2, "output": 3, "arrow": 4}

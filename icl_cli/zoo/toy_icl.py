@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from icl_cli.core.batch import token_roles
-from icl_cli.core.prompts import TEMPLATES, Prompt
+from icl_cli.core.prompts import DUMMY_PAIR, TEMPLATES, Prompt
 from icl_cli.core.tasks import Task, builtin_tasks
 
 TOY_DIR = Path(__file__).resolve().parent / "toy-icl"
@@ -56,7 +56,7 @@ class ToyConfig:
     """Shots are drawn per batch from 0..max_shot."""
     seed: int = 0
     """Seed of initialisation and data order."""
-    threads: int = 2
+    threads: int = 1
     """CPU threads (fixed so that runs are reproducible)."""
 
 
@@ -67,7 +67,7 @@ def build_tokenizer(tasks: dict[str, Task]):
 
     pre = pre_tokenizers.Split(Regex(PRETOKENIZE), behavior="removed", invert=True)
     words: set[str] = set()
-    texts = [t.prefix + t.before_x + t.sep + t.after_y for t in TEMPLATES.values()]
+    texts = [t.prefix + t.before_x + t.sep + t.after_y for t in TEMPLATES.values()] + [" ".join(DUMMY_PAIR)]
     texts += [s for task in tasks.values() for pair in task.pairs for s in pair]
     for text in texts:
         words.update(w for w, _ in pre.pre_tokenize_str(text))
@@ -137,8 +137,11 @@ def train(
     for step in range(cfg.steps):
         n_shot = rng.randint(0, cfg.max_shot)
         ids, labels = training_batch(tokenizer, task_list, rng, cfg.batch, n_shot)
-        logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        hidden = model.model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).last_hidden_state
+        target = labels[:, 1:]
+        keep = target != -100  # unembed only the positions that predict an answer token
+        logits = model.lm_head(hidden[:, :-1][keep])
+        loss = torch.nn.functional.cross_entropy(logits, target[keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

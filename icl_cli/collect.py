@@ -1,0 +1,225 @@
+"""Task vectors, detector vectors and layer sweeps (SPEC §4), and activation mass by role (§8).
+
+For each task t:
+1. Split its pairs (seeded) into a train part and held-out queries.
+2. TV[t, l] = mean resid_pre[l] over every arrow token of ``n_prompts`` few-shot prompts built
+   from the train part; DV[t, l] = the same mean over the output tokens.
+3. On held-out 0-shot prompts: the 0-shot loss, and per layer the loss with TV[t, l] added to
+   (paper, scale 1) or written into (Hendel) resid_pre[l] at the arrow; on held-out few-shot
+   prompts, the few-shot loss. nll = summed NLL of the first n_first answer tokens; acc = greedy
+   first answer token. The best layer has the lowest 0-shot + TV (added) loss.
+4. With SAEs: each SAE's feature activations on the few-shot prompts, summed per token role.
+
+HDF5 layout (one file, ``collect.h5``)::
+
+    /layers [L]                               the swept layers
+    /tasks/<t>/tv, /tasks/<t>/dv [L, D]       float32
+    /tasks/<t>/sweep/<metric>                 scalars (zero_shot_*, few_shot_*), [L] (tv_*, tv_replace_*)
+    /tasks/<t>/mass/<sae key> [6, d_sae]      role rows: none, prompt, input, arrow, output, newline
+    /tasks/<t> attrs: best_layer, n_pairs, heldout (JSON list of held-out inputs)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from icl_cli.core.batch import encode_prompts
+from icl_cli.core.prompts import ROLES, get_template, sample_prompts, split_pairs
+from icl_cli.core.sites import HookedModel, Site
+from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_logits
+from icl_cli.core.tasks import Task
+from icl_cli.errors import IclError
+
+FORMAT_VERSION = 1
+SWEEP_METRICS = ("zero_shot_nll", "zero_shot_acc", "few_shot_nll", "few_shot_acc",
+                 "tv_nll", "tv_acc", "tv_replace_nll", "tv_replace_acc")
+
+
+@dataclass
+class CollectParams:
+    tasks: str = "all"
+    """`all` or a comma-separated list of task names / JSON files."""
+    layers: str = "all"
+    """`all`, one layer, a range `a-b`, or a list `1,3,5`."""
+    n_shot: int = 19
+    """Examples per few-shot prompt (paper: 19 for cleaning, 31 for the sweep)."""
+    n_prompts: int = 16
+    """Few-shot prompts averaged into each task vector (paper: 16)."""
+    n_eval: int = 32
+    """Held-out prompts for the sweep metrics (paper: 32)."""
+    template: str = "paper"
+    """paper | hendel | todd."""
+    n_first: int = 2
+    """Answer tokens scored by nll (paper: 2)."""
+    seed: int = 0
+    """Seed of the split and of prompt sampling."""
+
+    def __post_init__(self) -> None:
+        get_template(self.template)
+        if self.n_prompts < 1 or self.n_eval < 1 or self.n_first < 1:
+            raise IclError("--n-prompts, --n-eval and --n-first must be ≥ 1")
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """`all` | `5` | `2-7` | `1,3,5` -> sorted layer list, checked against the model."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    try:
+        for part in spec.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                layers.update(range(int(a), int(b) + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise IclError(f"cannot read layers {spec!r}; use all, 5, 2-7 or 1,3,5") from None
+    bad = sorted(l for l in layers if not 0 <= l < n_layers)
+    if bad:
+        raise IclError(f"layer(s) {bad} out of range: the model has layers 0-{n_layers - 1}")
+    return sorted(layers)
+
+
+@dataclass
+class TaskResult:
+    tv: torch.Tensor  # [L, D]
+    dv: torch.Tensor  # [L, D]
+    sweep: dict[str, float | list[float]]
+    best_layer: int
+    heldout: list[str]
+    n_pairs: int
+    mass: dict[str, torch.Tensor] = field(default_factory=dict)  # sae key -> [6, d_sae]
+
+
+def task_split(task: Task, n_eval: int, seed: int) -> tuple[list, list]:
+    """(train pairs, held-out pairs) used by collect and clean alike."""
+    if len(task.pairs) < 4:
+        raise IclError(f"task {task.name} has {len(task.pairs)} pairs; at least 4 are needed for a train/held-out split")
+    return split_pairs(task.pairs, n_eval, seed)
+
+
+def collect_task(hm: HookedModel, tokenizer, task: Task, layers: Sequence[int], p: CollectParams,
+                 saes: Sequence[tuple[str, object]] = (), device=None) -> TaskResult:
+    train, heldout = task_split(task, p.n_eval, p.seed)
+    n_shot = min(p.n_shot, len(train) - 1)
+    few = sample_prompts(train, p.n_prompts, n_shot, p.seed, p.template, with_answer=True, task_name=task.name)
+    means = mean_at_role(hm, tokenizer, few, layers, ("arrow", "output"), device=device)
+    tv, dv = means["arrow"], means["output"]
+
+    zero = sample_prompts(task.pairs, p.n_eval, 0, p.seed + 1, p.template, queries=heldout, task_name=task.name)
+    fs_eval = sample_prompts(task.pairs, p.n_eval, n_shot, p.seed + 2, p.template, queries=heldout, task_name=task.name)
+    cache = BaseCache.build(hm, tokenizer, zero, layers, p.n_first, device)
+    z = plain_scores(hm, tokenizer, zero, p.n_first, device)
+    f = plain_scores(hm, tokenizer, fs_eval, p.n_first, device)
+    sweep: dict[str, float | list[float]] = {"zero_shot_nll": z.nll, "zero_shot_acc": z.acc,
+                                              "few_shot_nll": f.nll, "few_shot_acc": f.acc}
+    for mode, prefix in (("add", "tv"), ("replace", "tv_replace")):
+        rows = []
+        with torch.no_grad():
+            for j, l in enumerate(layers):
+                rows.append(scores(steered_logits(hm, cache, l, tv[j], mode), cache.batch))
+        sweep[f"{prefix}_nll"] = [r.nll for r in rows]
+        sweep[f"{prefix}_acc"] = [r.acc for r in rows]
+    best = layers[min(range(len(layers)), key=lambda j: sweep["tv_nll"][j])]
+    result = TaskResult(tv, dv, sweep, best, [x for x, _ in heldout], len(task.pairs))
+    for key, sae in saes:
+        result.mass[key] = role_mass(hm, tokenizer, few, sae, device)
+    return result
+
+
+@torch.no_grad()
+def role_mass(hm: HookedModel, tokenizer, prompts, sae, device=None, batch_size: int = 16) -> torch.Tensor:
+    """[1 + len(ROLES), d_sae]: feature activations summed over tokens of each role (row 0: no role)."""
+    site = sae_site(sae, hm.n_layers)
+    total = torch.zeros(1 + len(ROLES), sae.cfg.d_sae)
+    for i in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, prompts[i : i + batch_size], device=device)
+        out = hm.run(batch.input_ids, batch.attention_mask, read=[site], stop_after=site.layer)
+        acts = sae.encode(out.acts[site].to(sae.W_enc.device)).float()  # [B, P, d_sae]
+        valid = batch.attention_mask.bool()  # padding and BOS carry no role mass
+        if tokenizer.bos_token_id is not None:
+            valid &= batch.input_ids != tokenizer.bos_token_id
+        onehot = torch.nn.functional.one_hot(batch.roles.long(), 1 + len(ROLES)).float() * valid[..., None]
+        total += torch.einsum("bpr,bpf->rf", onehot.to(acts.device), acts).cpu()
+    return total
+
+
+def sae_site(sae, n_layers: int) -> Site:
+    """The site a dictionary reads (a transcoder reads mlp_in)."""
+    cfg = sae.cfg
+    if cfg.layer is None:
+        raise IclError("the SAE does not say which layer it belongs to; re-import it with its layer")
+    if not 0 <= cfg.layer < n_layers:
+        raise IclError(f"the SAE is for layer {cfg.layer} but the model has layers 0-{n_layers - 1}")
+    kind = {"resid_pre": "resid_pre", "attn_out": "attn_out", "transcoder": "mlp_in"}.get(cfg.site)
+    if kind is None:
+        raise IclError(f"unsupported SAE site {cfg.site!r}")
+    return Site(kind, cfg.layer)
+
+
+def run_collect(lm, tasks: Sequence[Task], p: CollectParams, saes: Sequence[tuple[str, object]] = (),
+                progress: Callable[[str], None] | None = None) -> tuple[list[int], dict[str, TaskResult]]:
+    hm = HookedModel(lm.model)
+    layers = parse_layers(p.layers, hm.n_layers)
+    for key, sae in saes:
+        if sae.cfg.d_in != hm.d_model:
+            raise IclError(f"SAE {key[:12]} has d_in {sae.cfg.d_in} but the model's d_model is {hm.d_model}")
+        sae_site(sae, hm.n_layers)
+    results = {}
+    for task in tasks:
+        if progress:
+            progress(task.name)
+        results[task.name] = collect_task(hm, lm.tokenizer, task, layers, p, saes, device=lm.device)
+    return layers, results
+
+
+def write_h5(f, layers: Sequence[int], results: dict[str, TaskResult]) -> None:
+    f.create_dataset("layers", data=list(layers))
+    for name, r in results.items():
+        g = f.create_group(f"tasks/{name}")
+        g.create_dataset("tv", data=r.tv.numpy())
+        g.create_dataset("dv", data=r.dv.numpy())
+        for k, v in r.sweep.items():
+            g.create_dataset(f"sweep/{k}", data=v)
+        for key, m in r.mass.items():
+            g.create_dataset(f"mass/{key}", data=m.numpy())
+        g.attrs["best_layer"] = r.best_layer
+        g.attrs["n_pairs"] = r.n_pairs
+        g.attrs["heldout"] = json.dumps(r.heldout)
+
+
+def read_h5(path) -> tuple[list[int], dict[str, TaskResult]]:
+    """Read a collect artifact back (raises IclError on a file that is not one)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            layers = [int(x) for x in f["layers"][()]]
+            results = {}
+            for name, g in f["tasks"].items():
+                sweep = {k: (v[()].tolist() if v.shape else float(v[()])) for k, v in g["sweep"].items()}
+                mass = {k: torch.from_numpy(v[()]) for k, v in g["mass"].items()} if "mass" in g else {}
+                results[name] = TaskResult(torch.from_numpy(g["tv"][()]), torch.from_numpy(g["dv"][()]), sweep,
+                                           int(g.attrs["best_layer"]), json.loads(g.attrs["heldout"]),
+                                           int(g.attrs["n_pairs"]), mass)
+    except (OSError, KeyError) as exc:
+        raise IclError(f"{path} is not a readable collect artifact ({exc}); run `icl store verify`") from None
+    return layers, results
+
+
+def summary_json(key: str, layers: Sequence[int], results: dict[str, TaskResult]) -> dict:
+    out = {}
+    for name, r in results.items():
+        rows = {}
+        for j, l in enumerate(layers):
+            rows[str(l)] = {"zero_shot_nll": r.sweep["zero_shot_nll"], "tv_nll": r.sweep["tv_nll"][j],
+                            "tv_replace_nll": r.sweep["tv_replace_nll"][j], "few_shot_nll": r.sweep["few_shot_nll"],
+                            "zero_shot_acc": r.sweep["zero_shot_acc"], "tv_acc": r.sweep["tv_acc"][j],
+                            "tv_replace_acc": r.sweep["tv_replace_acc"][j], "few_shot_acc": r.sweep["few_shot_acc"]}
+        out[name] = {"best_layer": r.best_layer, "layers": rows}
+    return {"key": key, "layers": list(layers), "tasks": out}
