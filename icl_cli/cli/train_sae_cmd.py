@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         batch_tokens: int = typer.Option(4096, "--batch-tokens", help="Tokens per step."),
         ctx_len: int = typer.Option(128, "--ctx", help="Context length of the activation chunks."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="HF dataset (streamed) or local .txt/.jsonl (default: the toy's task prompts, else FineWeb)."),
+        eval_tokens: int = typer.Option(16384, "--eval-tokens", help="Held-out tokens for the final metrics."),
         checkpoint_every: int = typer.Option(500, "--checkpoint-every", help="Steps between checkpoints (0: none)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
         name: Optional[str] = typer.Option(None, "--name", help="Name the artifact (NAME.LAYER for several layers)."),
@@ -58,7 +59,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = TrainConfig(model=model, layers=[0], site=site, arch=arch, width=width, k=k, l1=l1, lr=lr,
                           tokens=tokens or 0, batch_tokens=batch_tokens, ctx=ctx_len, dataset=dataset,
-                          checkpoint_every=checkpoint_every, seed=gl.seed)
+                          eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=gl.seed)
         if tokens is not None and tokens <= 0:
             raise IclError("--tokens must be positive")
         if checkpoint_every < 0:
