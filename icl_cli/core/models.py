@@ -253,3 +253,17 @@ def load_model(
         device=embed.device,
         dtype=embed.dtype,
     )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a preset, folder or HF id (no weights are read)."""
+    import transformers as tr
+
+    source, local = resolve_source(name_or_path)
+    try:
+        return tr.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if local:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise IclError(f"could not load the tokenizer of {source}: {first}") from exc
+        raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
