@@ -93,3 +93,83 @@ def _table(data: dict):
         cells = [f"{rows[l]['tv_nll']:.2f}" + ("*" if int(l) == r["best_layer"] else "") for l in layers]
         tab.add_row(task, f"{first['zero_shot_nll']:.2f}", *cells, f"{first['few_shot_nll']:.2f}")
     return tab
+
+
+@app.command("top-activations")
+def top_activations_cmd(
+    ctx: typer.Context,
+    sae: str = typer.Option(..., "--sae", help="SAE reference (artifact, folder or release id)."),
+    features: str = typer.Option(..., "--features", help="Comma-separated feature ids."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model (default: the one the SAE was trained on)."),
+    dataset: str = typer.Option("tasks", "--dataset", help="tasks (toy corpus), local .txt/.jsonl files, or an HF dataset."),
+    tokens: int = typer.Option(20000, "--tokens", help="Tokens to scan."),
+    ctx_len: int = typer.Option(64, "--ctx", help="Chunk length in tokens."),
+    n_top: int = typer.Option(10, "--n-top", help="Contexts kept per feature."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
+    force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
+) -> None:
+    """Store the top-activating contexts of chosen features, with the firing token marked."""
+    from icl_cli.core.identity import model_fingerprint
+    from icl_cli.dictionaries.io import load_dictionary
+    from icl_cli.errors import IclError
+    from icl_cli.store import StepSpec
+    from icl_cli.top_activations import FORMAT_VERSION, TopParams, contexts, read_h5, top_activations, write_h5
+
+    gl = g(ctx)
+    store = gl.store()
+    try:
+        feats = tuple(int(f) for f in features.split(",") if f.strip())
+    except ValueError:
+        raise IclError(f"--features takes comma-separated integers, got {features!r}") from None
+    if not feats or tokens < 1 or n_top < 1 or ctx_len < 2:
+        raise IclError("need at least one feature, --tokens ≥ 1, --n-top ≥ 1 and --ctx ≥ 2")
+    art = _maybe_artifact(store, sae)
+    d = load_dictionary(art if art is not None else sae, store)
+    model = model or d.cfg.model or "toy-icl"
+    p = TopParams(feats, dataset, tokens, ctx_len, n_top, gl.seed)
+    lm = load_lm(gl, model)
+    d = d.to(lm.device)
+    params = {**p.__dict__, "model": model, "model_fingerprint": model_fingerprint(lm.model),
+              "sae": None if art is not None else sae}
+    spec = StepSpec("top-activations", params, {"sae": art}, FORMAT_VERSION)
+
+    def build(st):
+        r = top_activations(lm, d, p)
+        with st.h5("top_activations.h5") as f:
+            write_h5(f, p, r)
+        return None
+
+    res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
+    saved(gl, res)
+    fs, r = read_h5(res.artifact.file("top_activations.h5"))
+    ctxs = contexts(lm.tokenizer, fs, r)
+    data = {"key": res.artifact.key, "features": {str(f): rows for f, rows in ctxs.items()}}
+    emit(gl, data, table=lambda: _top_table(ctxs), keys=[res.artifact.key])
+
+
+def _maybe_artifact(store, ref: str):
+    from icl_cli.errors import IclError
+
+    try:
+        return store.resolve(ref)
+    except IclError:
+        return None
+
+
+def _top_table(ctxs: dict):
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    for f, rows in ctxs.items():
+        tab = Table(title=f"feature {f}: top contexts")
+        tab.add_column("act", justify="right")
+        tab.add_column("context (firing token highlighted)")
+        for r in rows:
+            text = Text()
+            for i, tok in enumerate(r["tokens"]):
+                shown = tok.replace("\n", "⏎").replace("▁", " ").replace("Ġ", " ")
+                text.append(shown + (" " if not shown.startswith(" ") else ""), style="bold black on yellow" if i == r["fire"] else "")
+            tab.add_row(f"{r['value']:.2f}", text)
+        tables.append(tab)
+    return tables
