@@ -6,11 +6,14 @@
                                         pre-activations of dead features; α = 1/32, k_aux = d_in/2)
 
 Training never materialises the dense [B, d_sae] activations after the top-k: the decoder is an
-`embedding_bag` over the k chosen rows of W_dec, and the encoder's backward pass scatters the
-k gradients per token into W_enc with `index_add_` (B·k·d_in instead of B·d_sae·d_in work).
+`embedding_bag` over the k chosen rows of W_dec; in the backward pass the weight gradients are
+sparse-dense products (B·k·d work instead of B·d_sae·d) and the gradient of the k values is a
+sampled dense-dense product (SDDMM). Only the encoder's forward matmul stays dense.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +24,29 @@ from icl_cli.dictionaries.base import Dictionary, LossParts, mse_sum, register
 AUXK_COEFF = 1 / 32
 
 
+def _coo_t(idx: Tensor, vals: Tensor, d_sae: int) -> Tensor:
+    """The transpose of the [B, d_sae] activation matrix with k entries per row, as COO [d_sae, B]."""
+    B, k = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(k)
+    return torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (d_sae, B))
+
+
+def _sampled_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
+    """out[b, j] = ⟨g[b], W[idx[b, j]]⟩ for g [B, d], W [d_sae, d] -> [B, k], without B·k·d memory."""
+    B, k = idx.shape
+    crow = torch.arange(0, B * k + 1, k, device=idx.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=W.dtype, device=W.device), (B, W.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
+
+
 class _TopKEncode(torch.autograd.Function):
     """(x [B,d_in], b_in [d_in] or None, W_enc [d_in,d_sae], b_enc [d_sae], k) -> (vals [B,k], idx [B,k]).
 
     vals are the raw top-k pre-activations (relu is applied outside, so its mask enters the
-    gradient there). Backward is sparse in d_sae.
+    gradient there). Backward is sparse in d_sae: dL/dW_enc = x'ᵀ G with G [B, d_sae] holding k
+    entries per row, computed as a sparse-dense product.
     """
 
     @staticmethod
@@ -41,16 +62,28 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals: Tensor, _g_idx):
         xin, W_enc, idx = ctx.saved_tensors
-        B, k = idx.shape
-        flat = idx.reshape(-1)
-        g = g_vals.reshape(-1).to(W_enc.dtype)  # [B*k]
-        g_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, flat, g)
-        # dL/dW_enc[:, j] = Σ_b x'_b g_bj over the (b, j) pairs that were selected.
-        rows = (xin.to(W_enc.dtype).unsqueeze(1) * g_vals.to(W_enc.dtype).unsqueeze(-1)).reshape(B * k, -1)
-        g_W_t = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-        g_W_t.index_add_(0, flat, rows)
+        g = g_vals.to(W_enc.dtype)
+        g_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        g_W = torch.sparse.mm(_coo_t(idx, g, W_enc.shape[1]), xin.to(W_enc.dtype)).T  # [d_in, d_sae]
         g_b_in = -(W_enc @ g_b_enc) if ctx.has_b_in else None  # x' = x − b_in, summed over the batch
-        return None, g_b_in, g_W_t.T, g_b_enc, None
+        return None, g_b_in, g_W, g_b_enc, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """(vals [B,k], idx [B,k], W_dec [d_sae,d_out]) -> Σ_j vals[b,j]·W_dec[idx[b,j]]  [B, d_out]."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, idx, W_dec)
+        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        vals, idx, W_dec = ctx.saved_tensors
+        g = g.to(W_dec.dtype).contiguous()
+        g_vals = _sampled_dot(idx, g, W_dec)
+        g_W = torch.sparse.mm(_coo_t(idx, vals.to(W_dec.dtype), W_dec.shape[0]), g)
+        return g_vals.to(vals.dtype), None, g_W
 
 
 @register("topk")
@@ -64,7 +97,7 @@ class TopKSAE(Dictionary):
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         """[B, k] values at [B, k] feature indices -> [B, d_out]."""
-        return F.embedding_bag(idx, self.W_dec, per_sample_weights=vals.to(self.W_dec.dtype), mode="sum") + self.b_dec
+        return _SparseDecode.apply(vals.to(self.W_dec.dtype), idx, self.W_dec) + self.b_dec
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
         b_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
@@ -86,7 +119,8 @@ class TopKSAE(Dictionary):
         k_aux = min(self.cfg.d_in // 2, len(dead_idx))
         pre = self.sae_in(x) @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]  # [B, n_dead]
         vals, j = pre.topk(k_aux, dim=-1, sorted=False)
-        e_hat = F.embedding_bag(dead_idx[j], self.W_dec, per_sample_weights=torch.relu(vals), mode="sum")
+        acts = torch.zeros_like(pre).scatter(-1, j, torch.relu(vals))
+        e_hat = acts @ self.W_dec[dead_idx]  # dense over the dead features only
         scale = min(len(dead_idx) / max(self.cfg.d_in // 2, 1), 1.0)
         return AUXK_COEFF * scale * mse_sum(e_hat, residual)
 
