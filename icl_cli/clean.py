@@ -115,6 +115,7 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
                  mask: Tensor) -> Cleaned:
     """Steps 1-5 above for one vector; returns the θ with the minimum L0 seen."""
     act = activation(sae)
+    sae.requires_grad_(False)  # only θ is optimised
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
     theta = sae.encode_pre(v.to(dev, dt)).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=p.lr)
