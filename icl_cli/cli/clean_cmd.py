@@ -109,6 +109,19 @@ def _is_ref(store, ref: str) -> bool:
         return False
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model (preset names, HF ids and folders alike)."""
+    from pathlib import Path
+
+    from icl_cli.core.models import PRESETS
+
+    def canon(x: str) -> str:
+        x = PRESETS[x].hf_id if x in PRESETS else str(x)
+        return Path(x.rstrip("/")).name.lower()
+
+    return canon(a) == canon(b)
+
+
 def _check(d, cp: dict, layers: list[int], layer: int | None, d_model: int) -> int:
     """The cleaning layer, after checking that the SAE fits the task vectors."""
     cfg = d.cfg
@@ -116,7 +129,7 @@ def _check(d, cp: dict, layers: list[int], layer: int | None, d_model: int) -> i
         raise IclError(f"the SAE has d_in {cfg.d_in} but the task vectors have d_model {d_model}: it belongs to another model")
     if cfg.site != "resid_pre":
         raise IclError(f"cleaning needs an SAE on resid_pre; this one is on {cfg.site}")
-    if cfg.model and cfg.model != cp["model"] and not str(cp["model"]).endswith(str(cfg.model)):
+    if cfg.model and not same_model(cfg.model, cp["model"]):
         raise IclError(f"the SAE was trained on {cfg.model} but the task vectors come from {cp['model']}")
     layer = cfg.layer if layer is None else layer
     if layer is None:
