@@ -20,35 +20,25 @@ BANDWIDTH = 1e-3
 INIT_THRESHOLD = 1e-3
 
 
-def _kernel(z: Tensor) -> Tensor:
-    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
+class _JumpReLUL0(torch.autograd.Function):
+    """pre [B, d_sae], θ [d_sae] -> (a = pre·[pre > θ], l0 [B] = Σ_i [pre_i > θ_i]), fused.
 
-
-class _JumpReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        return pre * (pre > theta).to(pre.dtype)
+    Backward: ∂/∂pre passes through the open gate; θ gets the rectangle-kernel pseudo-gradients
+    of both outputs, −(1/ε)·K·(θ·g_a + g_l0).
+    """
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        pre, theta = ctx.saved_tensors
-        g_pre = g * (pre > theta).to(g.dtype)
-        g_theta = -(theta / BANDWIDTH) * _kernel((pre - theta) / BANDWIDTH) * g
-        return g_pre, g_theta.reshape(-1, theta.shape[-1]).sum(0)
-
-
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        return (pre > theta).to(pre.dtype)
+    def forward(ctx, pre: Tensor, theta: Tensor):
+        on = pre > theta
+        ctx.save_for_backward(pre, theta, on)
+        return pre * on, on.sum(-1, dtype=pre.dtype)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
-        pre, theta = ctx.saved_tensors
-        g_theta = -(1.0 / BANDWIDTH) * _kernel((pre - theta) / BANDWIDTH) * g
-        return None, g_theta.reshape(-1, theta.shape[-1]).sum(0)
+    def backward(ctx, g_a: Tensor, g_l0: Tensor):
+        pre, theta, on = ctx.saved_tensors
+        near = ((pre - theta).abs() < BANDWIDTH / 2).to(pre.dtype)
+        g_theta = -(near * (theta * g_a + g_l0.unsqueeze(-1))).sum(0) / BANDWIDTH
+        return g_a * on, g_theta
 
 
 @register("jumprelu")
@@ -69,11 +59,11 @@ class JumpReLUSAE(Dictionary):
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
-        pre = self.encode_pre(x)
-        a = _JumpReLU.apply(torch.relu(pre), self.threshold)
+        # θ > 0 (kept so by after_step), so relu(pre)·[pre > θ] = pre·[pre > θ]
+        a, l0 = _JumpReLUL0.apply(self.encode_pre(x), self.threshold)
         recon = self.decode(a)
         mse = mse_sum(recon, target)
-        sparsity = _Step.apply(pre, self.threshold).sum(-1).mean()
+        sparsity = l0.mean()
         zero = mse.new_zeros(())
         return LossParts(mse + coeff * sparsity, mse, sparsity, zero, a > 0, recon)
 
