@@ -79,6 +79,27 @@ class CleanResult:
     steps: int
     sweep: dict[str, list[float]] = field(default_factory=dict)  # l1, l0, nll
 
+    def save(self, path) -> None:
+        """Write this result as JSON, atomically (partial results of an interrupted run)."""
+        import json
+        import os
+        from dataclasses import asdict
+
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(asdict(self), fh)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path) -> "CleanResult | None":
+        import json
+
+        try:
+            with open(path) as fh:
+                return cls(**json.load(fh))
+        except (OSError, ValueError, TypeError):
+            return None
+
     @property
     def l0_fraction(self) -> float:
         return self.l0["cleaned"] / max(self.l0["recon"], 1)

@@ -96,6 +96,34 @@ class TaskResult:
     mass: dict[str, torch.Tensor] = field(default_factory=dict)  # sae key -> [6, d_sae]
 
 
+def save_partial(r: TaskResult, path) -> None:
+    """One finished task, for resuming an interrupted run (written atomically)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {"tv": r.tv.contiguous(), "dv": r.dv.contiguous(), **{f"mass/{k}": m.contiguous() for k, m in r.mass.items()}}
+    meta = {"sweep": json.dumps(r.sweep), "best_layer": str(r.best_layer), "heldout": json.dumps(r.heldout),
+            "n_pairs": str(r.n_pairs)}
+    tmp = f"{path}.tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_partial(path) -> TaskResult | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - a damaged partial result is recomputed
+        return None
+    mass = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("mass/")}
+    return TaskResult(t["tv"], t["dv"], json.loads(meta["sweep"]), int(meta["best_layer"]), json.loads(meta["heldout"]),
+                      int(meta["n_pairs"]), mass)
+
+
 def task_split(task: Task, n_eval: int, seed: int) -> tuple[list, list]:
     """(train pairs, held-out pairs) used by collect and clean alike."""
     if len(task.pairs) < 4:
@@ -163,7 +191,8 @@ def sae_site(sae, n_layers: int) -> Site:
 
 
 def run_collect(lm, tasks: Sequence[Task], p: CollectParams, saes: Sequence[tuple[str, object]] = (),
-                progress: Callable[[str], None] | None = None) -> tuple[list[int], dict[str, TaskResult]]:
+                progress: Callable[[str], None] | None = None, work_dir=None) -> tuple[list[int], dict[str, TaskResult]]:
+    """Every task in turn; with ``work_dir``, finished tasks are kept there and skipped on a rerun."""
     hm = HookedModel(lm.model)
     layers = parse_layers(p.layers, hm.n_layers)
     for key, sae in saes:
@@ -171,10 +200,16 @@ def run_collect(lm, tasks: Sequence[Task], p: CollectParams, saes: Sequence[tupl
             raise IclError(f"SAE {key[:12]} has d_in {sae.cfg.d_in} but the model's d_model is {hm.d_model}")
         sae_site(sae, hm.n_layers)
     results = {}
-    for task in tasks:
+    for i, task in enumerate(tasks):
         if progress:
             progress(task.name)
-        results[task.name] = collect_task(hm, lm.tokenizer, task, layers, p, saes, device=lm.device)
+        part = work_dir / f"task{i}.safetensors" if work_dir is not None else None
+        done = load_partial(part) if part is not None and part.exists() else None
+        if done is None:
+            done = collect_task(hm, lm.tokenizer, task, layers, p, saes, device=lm.device)
+            if part is not None:
+                save_partial(done, part)
+        results[task.name] = done
     return layers, results
 
 

@@ -117,3 +117,14 @@ def test_clean_cli_end_to_end_and_errors(tiny_toy_dir, tmp_path, setup):
 def _sae_at(tmp_path, layer):
     d = build(DictConfig(d_in=32, d_sae=64, arch="standard", site="resid_pre", layer=layer))
     return save_saelens(d, tmp_path / f"sae_l{layer}")
+
+
+def test_partial_results_round_trip(tmp_path, tiny_lm, setup):
+    from icl_cli.clean import CleanResult
+
+    hm, task, cp, r, sae = setup
+    res = clean_task(hm, tiny_lm.tokenizer, sae, task, 1, r.tv[1], CleanParams(max_steps=3, patience=3), (cp.n_eval, cp.seed))
+    res.save(tmp_path / "t.json")
+    assert CleanResult.load(tmp_path / "t.json") == res
+    (tmp_path / "bad.json").write_text("{")
+    assert CleanResult.load(tmp_path / "bad.json") is None

@@ -97,3 +97,31 @@ def test_collect_cli_json_reuse_and_errors(tiny_toy_dir, tmp_path):
     assert bad.exit_code == 1 and bad.stdout == "" and "out of range" in bad.stderr and "Traceback" not in bad.stderr
     unknown = runner.invoke(app, args[:3] + ["collect", "--model", str(tiny_toy_dir), "--tasks", "antonymz"])
     assert unknown.exit_code == 1 and "did you mean antonyms" in unknown.stderr
+
+
+def test_interrupted_collect_resumes_from_finished_tasks(tiny_lm, tmp_path, monkeypatch):
+    import icl_cli.collect as collect_mod
+    from icl_cli.collect import run_collect
+    from icl_cli.core.tasks import resolve_tasks
+
+    tasks = resolve_tasks("antonyms,en_es,algo_first")
+    p = CollectParams(n_shot=3, n_prompts=2, n_eval=4, layers="1-2")
+    calls = []
+    real = collect_mod.collect_task
+
+    def counting(hm, tok, task, *a, **k):
+        calls.append(task.name)
+        if task.name == "algo_first" and len(calls) == 3:
+            raise KeyboardInterrupt  # killed while working on the third task
+        return real(hm, tok, task, *a, **k)
+
+    monkeypatch.setattr(collect_mod, "collect_task", counting)
+    with pytest.raises(KeyboardInterrupt):
+        run_collect(tiny_lm, tasks, p, work_dir=tmp_path)
+    calls.clear()
+    layers, resumed = run_collect(tiny_lm, tasks, p, work_dir=tmp_path)
+    assert calls == ["algo_first"]  # the two finished tasks were not recomputed
+    _, fresh = run_collect(tiny_lm, tasks, p)
+    for name in fresh:
+        torch.testing.assert_close(resumed[name].tv, fresh[name].tv)
+        assert resumed[name].sweep == fresh[name].sweep and resumed[name].heldout == fresh[name].heldout

@@ -44,7 +44,7 @@ def clean_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
     """Clean task vectors into a few SAE features that keep the task (plus the baselines)."""
-    from icl_cli.clean import FORMAT_VERSION, CleanParams, clean_task, read_h5, summary_json, write_h5
+    from icl_cli.clean import FORMAT_VERSION, CleanParams, CleanResult, clean_task, read_h5, summary_json, write_h5
     from icl_cli.collect import read_h5 as read_collect
     from icl_cli.core.identity import tasks_digest
     from icl_cli.core.sites import HookedModel
@@ -85,11 +85,16 @@ def clean_cmd(
         j = layers.index(layer)
         out = {}
         with task_progress(gl, len(names), "clean") as advance:
-            for t in names:
+            for i, t in enumerate(names):
                 advance(t)
-                v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
-                out[t] = clean_task(hm, lm.tokenizer, dd, suite[t], layer, v, p, (cp["n_eval"], cp["seed"]),
-                                    cp["template"], cp["n_first"], lm.device)
+                part = st.work_dir / f"task{i}.json"  # finished tasks survive an interruption
+                done = CleanResult.load(part) if part.exists() else None
+                if done is None:
+                    v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
+                    done = clean_task(hm, lm.tokenizer, dd, suite[t], layer, v, p, (cp["n_eval"], cp["seed"]),
+                                      cp["template"], cp["n_first"], lm.device)
+                    done.save(part)
+                out[t] = done
         with st.h5("clean.h5") as f:
             write_h5(f, layer, out)
         holder["data"] = (layer, out)

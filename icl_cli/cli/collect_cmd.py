@@ -59,7 +59,7 @@ def collect_cmd(
 
     def build(st):
         with task_progress(gl, len(task_list), "collect") as advance:
-            layer_list, results = run_collect(lm, task_list, p, sae_objs, progress=advance)
+            layer_list, results = run_collect(lm, task_list, p, sae_objs, progress=advance, work_dir=st.work_dir)
         with st.h5("collect.h5") as f:
             write_h5(f, layer_list, results)
         holder["data"] = (layer_list, results)
