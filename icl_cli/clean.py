@@ -148,6 +148,8 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
         vec = sae.decode(a)
         logits = steered_logits(hm, cache, layer, vec, grad=True, mask=mask)
         loss = nll(logits, cache.batch) + l1 * a.abs().sum()
+        if not torch.isfinite(loss):
+            raise IclError(f"the cleaning loss became {loss.item()} at step {step}; lower --lr or run in float32 (--dtype float32)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

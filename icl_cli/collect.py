@@ -138,6 +138,8 @@ def collect_task(hm: HookedModel, tokenizer, task: Task, layers: Sequence[int], 
     few = sample_prompts(train, p.n_prompts, n_shot, p.seed, p.template, with_answer=True, task_name=task.name)
     means = mean_at_role(hm, tokenizer, few, layers, ("arrow", "output"), device=device)
     tv, dv = means["arrow"], means["output"]
+    if not (torch.isfinite(tv).all() and torch.isfinite(dv).all()):
+        raise IclError(f"the model produced NaN/inf activations on task {task.name}; run in float32 (--dtype float32)")
 
     zero = sample_prompts(task.pairs, p.n_eval, 0, p.seed + 1, p.template, queries=heldout, task_name=task.name)
     fs_eval = sample_prompts(task.pairs, p.n_eval, n_shot, p.seed + 2, p.template, queries=heldout, task_name=task.name)

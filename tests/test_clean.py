@@ -128,3 +128,15 @@ def test_partial_results_round_trip(tmp_path, tiny_lm, setup):
     assert CleanResult.load(tmp_path / "t.json") == res
     (tmp_path / "bad.json").write_text("{")
     assert CleanResult.load(tmp_path / "bad.json") is None
+
+
+def test_nan_loss_is_a_clear_error(tiny_lm, setup):
+    from icl_cli.errors import IclError
+
+    hm, task, cp, r, sae = setup
+    prompts = sample_prompts(task.pairs, 4, 0, seed=5)
+    cache = BaseCache.build(hm, tiny_lm.tokenizer, prompts, [1])
+    v = r.tv[1].clone()
+    v[0] = float("nan")
+    with pytest.raises(IclError, match="became nan at step 1"):
+        clean_vector(hm, sae, cache, 1, v, CleanParams(max_steps=5), 0.05, steer_mask(cache.batch, False))
