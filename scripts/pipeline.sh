@@ -5,7 +5,8 @@
 #   3. clean     task vector cleaning against the raw TV, the SAE reconstruction and gradient pursuit
 # Every step is an artifact in the store (./artifacts); running the script again reuses them.
 # Environment: ICL (the icl command), MODEL (default toy-icl), LAYER (default: the layer where the
-# most tasks' task vectors work best), SAE_TOKENS (default 2000000).
+# most tasks' task vectors work best), SAE_TOKENS (default 2000000), DATASET (SAE corpus, default:
+# the task prompts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
@@ -24,7 +25,7 @@ print(collections.Counter(best).most_common(1)[0][0])')
 fi
 echo "== train-sae: gated residual SAE at layer $LAYER" >&2
 SAE=$($ICL -q train-sae --model "$MODEL" --layer "$LAYER" --site resid --arch gated \
-        --tokens "${SAE_TOKENS:-2000000}" --name "pipeline-sae")
+        --tokens "${SAE_TOKENS:-2000000}" --dataset "${DATASET:-tasks}" --name "pipeline-sae")
 
 echo "== clean: task vector cleaning at layer $LAYER" >&2
 $ICL clean --tv "$TV" --sae "$SAE" --name pipeline-clean

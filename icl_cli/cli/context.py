@@ -75,7 +75,8 @@ def emit(
         for key in keys:
             sys.stdout.write(f"{key}\n")
     elif table is not None:
-        out = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=max(100, Console().width))
+        width = Console().width if sys.stdout.isatty() else 160  # files and pipes get whole rows
+        out = Console(file=sys.stdout, highlight=False, soft_wrap=False, width=width)
         rendered = table()
         for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:
             out.print(item)
