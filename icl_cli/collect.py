@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from icl_cli.core.batch import encode_prompts
+from icl_cli.core.layers import parse_layers
 from icl_cli.core.prompts import ROLES, get_template, sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site
 from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_logits
@@ -62,27 +63,6 @@ class CollectParams:
         get_template(self.template)
         if self.n_prompts < 1 or self.n_eval < 1 or self.n_first < 1:
             raise IclError("--n-prompts, --n-eval and --n-first must be ≥ 1")
-
-
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """`all` | `5` | `2-7` | `1,3,5` -> sorted layer list, checked against the model."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
-    try:
-        for part in spec.split(","):
-            if "-" in part.strip()[1:]:
-                a, b = part.split("-", 1)
-                layers.update(range(int(a), int(b) + 1))
-            else:
-                layers.add(int(part))
-    except ValueError:
-        raise IclError(f"cannot read layers {spec!r}; use all, 5, 2-7 or 1,3,5") from None
-    bad = sorted(l for l in layers if not 0 <= l < n_layers)
-    if bad:
-        raise IclError(f"layer(s) {bad} out of range: the model has layers 0-{n_layers - 1}")
-    return sorted(layers)
 
 
 @dataclass

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from icl_cli.collect import CollectParams, collect_task, parse_layers, role_mass, task_split
+from icl_cli.collect import CollectParams, collect_task, role_mass, task_split
+from icl_cli.core.layers import parse_layers
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.metrics import nll_per_prompt
 from icl_cli.core.prompts import sample_prompts

@@ -16,21 +16,6 @@ from icl_cli.cli.context import emit, g, stderr_console
 from icl_cli.errors import IclError
 
 
-def parse_layers(values: list[str], n_layers: int) -> list[int]:
-    """["1,3", "5"] -> [1, 3, 5]; "all" -> every layer."""
-    layers: list[int] = []
-    for v in values:
-        for part in v.split(","):
-            part = part.strip()
-            if part == "all":
-                layers += range(n_layers)
-            elif part.lstrip("-").isdigit():
-                layers.append(int(part))
-            elif part:
-                raise IclError(f"cannot read --layer {part!r}: give integers, '1,3,5' or 'all'")
-    return sorted(set(layers))
-
-
 def register(app: typer.Typer) -> None:
     @app.command("train-sae")
     def train_sae(
@@ -69,6 +54,8 @@ def register(app: typer.Typer) -> None:
         from icl_cli.train_sae.run import train_sae_artifacts
 
         lm = load_model(model, device=gl.device, dtype=gl.dtype)
+        from icl_cli.core.layers import parse_layers
+
         cfg.layers = parse_layers(layer, lm.n_layers)
         if not cfg.layers:
             raise IclError("give at least one --layer")

@@ -64,7 +64,7 @@ def test_single_layer_json_is_an_object_and_table(model_dir, tmp_path):
     (["--layer", "7"], "out of range"),
     (["--site", "mlp"], "site"),
     (["--arch", "relu"], "architecture"),
-    (["--layer", "x"], "--layer"),
+    (["--layer", "x"], "cannot read layers"),
 ])
 def test_bad_inputs_one_line_exit_1(model_dir, tmp_path, args, msg):
     base = ["--model", str(model_dir), "--tokens", "512", "--dataset", "tasks"]
