@@ -12,12 +12,15 @@ this module (e.g. for ``icl models ls``) stays cheap.
 
 from __future__ import annotations
 
+import contextlib
+
 import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from icl_cli.core.hub import offline_unless_reachable
 from icl_cli.errors import IclError
 
 TOY_DIR = Path(__file__).parent.parent / "zoo" / "toy-icl"
@@ -214,7 +217,8 @@ def load_model(
 
     def hub_call(fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with offline_unless_reachable() if not local else contextlib.nullcontext():
+                return fn(*args, **kwargs)
         except IclError:
             raise
         except (OSError, ValueError, ImportError) as exc:
@@ -261,7 +265,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
     source, local = resolve_source(name_or_path)
     try:
-        return tr.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with offline_unless_reachable() if not local else contextlib.nullcontext():
+            return tr.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if local:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -199,30 +199,20 @@ def _saelens_releases() -> set[str]:
     return set(yaml.safe_load(path.read_text()) or {})
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def load_pretrained(release: str, sae_id: str) -> Dictionary:
     """A SAELens pretrained release (e.g. Gemma Scope), downloaded through sae_lens.
 
     Without network the Hugging Face cache is used; if the SAE is not cached this fails at once
     with one line instead of retrying for a minute.
     """
-    import huggingface_hub.constants as hf_constants
     from sae_lens import SAE
 
-    offline = hf_constants.HF_HUB_OFFLINE or not hub_reachable()
-    saved = hf_constants.HF_HUB_OFFLINE
-    hf_constants.HF_HUB_OFFLINE = offline
+    from icl_cli.core.hub import offline_unless_reachable
+
+    offline = True
     try:
-        sae = SAE.from_pretrained(release, sae_id, device="cpu")
+        with offline_unless_reachable() as offline:
+            sae = SAE.from_pretrained(release, sae_id, device="cpu")
     except Exception as exc:  # noqa: BLE001 - network, auth, unknown id: one line for the user
         if offline:
             raise IclError(f"cannot fetch SAE {release}/{sae_id}: no network and it is not in the Hugging Face cache; "
@@ -230,8 +220,6 @@ def load_pretrained(release: str, sae_id: str) -> Dictionary:
         msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise IclError(f"could not fetch SAE {release}/{sae_id} ({type(exc).__name__}: {msg}); "
                        "check the id, the network and HF_TOKEN, or pass a local SAELens folder") from None
-    finally:
-        hf_constants.HF_HUB_OFFLINE = saved
     cfg = sae.cfg.to_dict()
     fields = {"extra": {"format": "saelens-release", "release": release, "sae_id": sae_id}}
     return from_saelens(cfg, sae.state_dict(), **fields)

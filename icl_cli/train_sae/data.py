@@ -78,7 +78,7 @@ def _file_texts(files: Sequence[Path]) -> Iterator[str]:
 
 
 def _hf_texts(name: str) -> Iterator[str]:
-    from icl_cli.dictionaries.io import hub_reachable
+    from icl_cli.core.hub import hub_reachable
 
     if not hub_reachable():
         raise IclError(f"cannot stream dataset {name!r}: the Hugging Face Hub is unreachable (no network); "

@@ -143,3 +143,19 @@ def test_presets_cover_the_spec():
     assert PRESETS["gemma-2-9b"][:3] == ("google/gemma-2-9b", 42, 3584)
     assert PRESETS["phi-3-mini"].hf_id == "microsoft/Phi-3-mini-4k-instruct"
     assert "toy-icl" in PRESETS
+
+
+def test_unreachable_hub_fails_fast_with_one_line(monkeypatch):
+    import time
+
+    import icl_cli.core.hub as hub
+    from icl_cli.core.models import load_model, load_tokenizer
+
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-icl-test-cache")
+    start = time.time()
+    for fn in (load_model, load_tokenizer):
+        with pytest.raises(IclError, match="no network") as err:
+            fn("google/gemma-2b")
+        assert "\n" not in str(err.value)
+    assert time.time() - start < 20  # no minute of retries

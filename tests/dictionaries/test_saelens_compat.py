@@ -100,9 +100,9 @@ def test_saelens_written_folder_reads_with_same_numbers(tmp_path, kind):
 
 
 def test_gemma_scope_offline_is_one_line_error(monkeypatch):
-    import icl_cli.dictionaries.io as io
+    import icl_cli.core.hub as hub
 
-    monkeypatch.setattr(io, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HOME", "/nonexistent-icl-test-cache")
     with pytest.raises(IclError) as err:
         load_dictionary("gemma-scope-2b-pt-res-canonical/layer_12/width_16k/canonical")

@@ -121,9 +121,9 @@ def test_bad_inputs(lm):
 
 
 def test_hf_dataset_offline_is_one_line_error(lm, monkeypatch):
-    import icl_cli.dictionaries.io as io
+    import icl_cli.core.hub as hub
 
-    monkeypatch.setattr(io, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(IclError, match="unreachable") as err:
         train_dictionaries(TrainConfig(layers=[0], tokens=256, **{**SMALL, "dataset": "HuggingFaceFW/fineweb"}), lm)
     assert "\n" not in str(err.value)
