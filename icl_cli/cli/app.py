@@ -83,9 +83,12 @@ def _globals(
     json_out: bool = typer.Option(False, "--json", help="Print exactly one JSON document on stdout."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Print only artifact key(s) on stdout."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logs and tracebacks."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread a large model over GPUs with accelerate (auto)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model repository's own code to run."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
-    ctx.obj = Globals(store_path=store, device=device, dtype=dtype, seed=seed, json=json_out, quiet=quiet, verbose=verbose)
+    ctx.obj = Globals(store_path=store, device=device, dtype=dtype, seed=seed, json=json_out, quiet=quiet, verbose=verbose,
+                      device_map=device_map, trust_remote_code=trust_remote_code)
 
 
 def _register() -> None:

@@ -9,8 +9,8 @@ from typing import Iterator
 from icl_cli.cli.context import Globals, log, stderr_console
 
 
-def load_lm(gl: Globals, model: str, device_map: str | None = None):
-    """Load a model with the global --device / --dtype, seeding torch first."""
+def load_lm(gl: Globals, model: str):
+    """Load a model with the global --device / --dtype / --device-map, seeding torch first."""
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -21,7 +21,8 @@ def load_lm(gl: Globals, model: str, device_map: str | None = None):
         hf_logging.set_verbosity_error()
     torch.manual_seed(gl.seed)
     log(f"loading {model}", ctx_globals=gl)
-    return load_model(model, device=gl.device, dtype=gl.dtype, device_map=device_map)
+    return load_model(model, device=gl.device, dtype=gl.dtype, device_map=gl.device_map,
+                      trust_remote_code=gl.trust_remote_code)
 
 
 @contextlib.contextmanager

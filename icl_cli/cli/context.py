@@ -33,6 +33,10 @@ class Globals:
     """Print only the artifact key(s) on stdout."""
     verbose: bool = False
     """Show debug logs and tracebacks."""
+    device_map: str | None = None
+    """Spread a large model over devices with accelerate (e.g. auto)."""
+    trust_remote_code: bool = False
+    """Allow a model repository's own code to run."""
 
     def store(self):
         from icl_cli.store import Store

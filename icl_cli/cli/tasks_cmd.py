@@ -62,7 +62,7 @@ def show_cmd(
     gl = g(ctx)
     t = load_task(task, tasks_dir)
     prompt = sample_prompts(t.pairs, 1, n_shot, gl.seed, template, with_answer=answer, task_name=t.name)[0]
-    tokenizer = load_tokenizer(model)
+    tokenizer = load_tokenizer(model, trust_remote_code=gl.trust_remote_code)
     batch = encode_prompts(tokenizer, [prompt])
     ids = batch.input_ids[0].tolist()
     tokens = tokenizer.convert_ids_to_tokens(ids)

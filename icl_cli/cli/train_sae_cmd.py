@@ -50,10 +50,10 @@ def register(app: typer.Typer) -> None:
         if checkpoint_every < 0:
             raise IclError("--checkpoint-every must be ≥ 0")
 
-        from icl_cli.core.models import load_model
+        from icl_cli.cli.common import load_lm
         from icl_cli.train_sae.run import train_sae_artifacts
 
-        lm = load_model(model, device=gl.device, dtype=gl.dtype)
+        lm = load_lm(gl, model)
         from icl_cli.core.layers import parse_layers
 
         cfg.layers = parse_layers(layer, lm.n_layers)

@@ -77,11 +77,11 @@ def eval_cmd(
 
 
 def _evaluate(model_dir: Path, gl) -> dict:
-    from icl_cli.core.models import load_model
+    from icl_cli.cli.common import load_lm
     from icl_cli.core.tasks import builtin_tasks
     from icl_cli.zoo.toy_eval import evaluate
 
-    lm = load_model(str(model_dir), device=gl.device, dtype="float32")
+    lm = load_lm(gl, str(model_dir))
     return evaluate(lm.model, lm.tokenizer, list(builtin_tasks().values()), seed=gl.seed + 1,
                     progress=lambda t: log(f"evaluating {t}", ctx_globals=gl))
 
