@@ -239,4 +239,14 @@ def summary_json(key: str, layers: Sequence[int], results: dict[str, TaskResult]
                             "zero_shot_acc": r.sweep["zero_shot_acc"], "tv_acc": r.sweep["tv_acc"][j],
                             "tv_replace_acc": r.sweep["tv_replace_acc"][j], "few_shot_acc": r.sweep["few_shot_acc"]}
         out[name] = {"best_layer": r.best_layer, "layers": rows}
+        if r.mass:
+            out[name]["mass_pct"] = {k: mass_percent(m) for k, m in r.mass.items()}
     return {"key": key, "layers": list(layers), "tasks": out}
+
+
+def mass_percent(mass: torch.Tensor, features: Sequence[int] | None = None) -> dict[str, float]:
+    """Percentage of the activation of ``features`` (default: all) that falls on each role (SPEC §8)."""
+    m = mass if features is None else mass[:, list(features)]
+    per_role = m.sum(-1)
+    total = float(per_role.sum()) or 1.0
+    return {role: 100 * float(v) / total for role, v in zip(("none",) + ROLES, per_role)}

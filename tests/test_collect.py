@@ -126,3 +126,25 @@ def test_interrupted_collect_resumes_from_finished_tasks(tiny_lm, tmp_path, monk
     for name in fresh:
         torch.testing.assert_close(resumed[name].tv, fresh[name].tv)
         assert resumed[name].sweep == fresh[name].sweep and resumed[name].heldout == fresh[name].heldout
+
+
+def test_collect_cli_with_saes_reports_mass_by_role(tiny_toy_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from icl_cli.cli.app import app
+    from icl_cli.dictionaries.io import save_saelens
+
+    sae = build(DictConfig(d_in=32, d_sae=48, arch="standard", site="resid_pre", layer=1))
+    save_saelens(sae, tmp_path / "sae")
+    runner = CliRunner()
+    store = ["--store", str(tmp_path / "s")]
+    key = runner.invoke(app, store + ["-q", "store", "import", str(tmp_path / "sae"), "--kind", "sae"]).stdout.strip()
+    args = ["collect", "--model", str(tiny_toy_dir), "--tasks", "en_it", "--layers", "1", "--n-shot", "3",
+            "--n-prompts", "2", "--n-eval", "4", "--saes", key[:10]]
+    res = runner.invoke(app, store + ["--json"] + args)
+    assert res.exit_code == 0, res.stderr
+    pct = json.loads(res.stdout)["tasks"]["en_it"]["mass_pct"][key]
+    assert set(pct) == {"none", "prompt", "input", "arrow", "output", "newline"}
+    assert sum(pct.values()) == pytest.approx(100.0)
+    table = runner.invoke(app, store + args)
+    assert "activation mass by token role" in table.stdout

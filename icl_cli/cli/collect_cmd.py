@@ -92,7 +92,18 @@ def _table(data: dict):
         first = rows[layers[0]]
         cells = [f"{rows[l]['tv_nll']:.2f}" + ("*" if int(l) == r["best_layer"] else "") for l in layers]
         tab.add_row(task, f"{first['zero_shot_nll']:.2f}", *cells, f"{first['few_shot_nll']:.2f}")
-    return tab
+    tables = [tab]
+    keys = sorted({k for r in data["tasks"].values() for k in r.get("mass_pct", {})})
+    for key in keys:
+        mass = Table(title=f"activation mass by token role (% of all features), SAE {key[:12]}")
+        roles = list(next(iter(data["tasks"].values()))["mass_pct"][key])
+        mass.add_column("task")
+        for role in roles:
+            mass.add_column(role, justify="right")
+        for task, r in data["tasks"].items():
+            mass.add_row(task, *(f"{r['mass_pct'][key][role]:.1f}" for role in roles))
+        tables.append(mass)
+    return tables
 
 
 @app.command("top-activations")
