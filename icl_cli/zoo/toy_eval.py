@@ -3,9 +3,11 @@
 1. First-answer-token accuracy per task at 0, 1, 4 and 16 shots on fresh prompts (paper template).
 2. 0-shot accuracy on the tasks whose inputs are shared with another task (should be ≤ 0.5:
    the task can only be inferred from the examples).
-3. Task vectors: TV[t, l] = mean resid_pre[l] over the arrows of 16-shot prompts, added at the
-   arrow of 0-shot prompts. Gap closed = (acc_TV − acc_0) / (acc_16 − acc_0), from the accuracies
-   averaged over tasks, at the single best layer and with each task at its own best layer.
+3. Task vectors: TV[t, l] = mean resid_pre[l] over the arrows of 16-shot prompts built from the
+   task's train pairs, added at the arrow of 0-shot prompts whose queries are held out. Gap closed
+   = (acc_TV − acc_0) / (acc_16 − acc_0), from the accuracies averaged over tasks, at the single
+   best layer (the headline) and with each task at its own best layer (optimistic: chosen on the
+   same prompts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.metrics import correct
-from icl_cli.core.prompts import sample_prompts
+from icl_cli.core.prompts import sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.tasks import Task
 
@@ -40,9 +42,9 @@ def _accuracy(hm: HookedModel, tokenizer, prompts, edit_vec=None, layer=None) ->
 
 
 @torch.no_grad()
-def task_vectors(hm: HookedModel, tokenizer, task: Task, n_prompts: int, n_shot: int, seed: int) -> torch.Tensor:
+def task_vectors(hm: HookedModel, tokenizer, pairs, n_prompts: int, n_shot: int, seed: int, name: str) -> torch.Tensor:
     """[n_layers, d_model]: mean resid_pre[l] over every arrow of ``n_prompts`` few-shot prompts."""
-    prompts = sample_prompts(task.pairs, n_prompts, n_shot, seed, with_answer=False, task_name=task.name)
+    prompts = sample_prompts(pairs, n_prompts, n_shot, seed, with_answer=False, task_name=name)
     batch = encode_prompts(tokenizer, prompts)
     sites = [Site("resid_pre", l) for l in range(hm.n_layers)]
     out = hm.run(batch.input_ids, batch.attention_mask, read=sites)
@@ -61,8 +63,10 @@ def evaluate(
             progress(task.name)
         res = {f"acc_{k}shot": _accuracy(hm, tokenizer, sample_prompts(task.pairs, n_eval, k, seed + k, task_name=task.name))
                for k in SHOTS}
-        tv = task_vectors(hm, tokenizer, task, 16, 16, seed + 100)
-        zero = sample_prompts(task.pairs, n_eval, 0, seed, with_answer=True, task_name=task.name)
+        # task vectors from train pairs only; their 0-shot test queries are held out
+        train, heldout = split_pairs(task.pairs, n_eval, seed)
+        tv = task_vectors(hm, tokenizer, train, 16, 16, seed + 100, task.name)
+        zero = sample_prompts(task.pairs, n_eval, 0, seed, with_answer=True, queries=heldout, task_name=task.name)
         res["acc_tv_by_layer"] = [_accuracy(hm, tokenizer, zero, tv[l], l) for l in range(hm.n_layers)]
         per_task[task.name] = res
     names = list(per_task)
