@@ -58,8 +58,8 @@ class CleanParams:
     """Seed of the training prompts."""
 
     def __post_init__(self) -> None:
-        if self.l1 < 0 or self.lr <= 0 or self.max_steps < 1 or self.patience < 1 or self.n_train < 1:
-            raise IclError("need --l1 ≥ 0, --lr > 0, --max-steps ≥ 1, --patience ≥ 1 and --n-train ≥ 1")
+        if self.l1 < 0 or any(lam < 0 for lam in self.sweep_l1) or self.lr <= 0 or self.max_steps < 1 or self.patience < 1 or self.n_train < 1:
+            raise IclError("need --l1 and --sweep-l1 values ≥ 0, --lr > 0, --max-steps ≥ 1, --patience ≥ 1 and --n-train ≥ 1")
 
 
 class Cleaned(NamedTuple):
@@ -132,13 +132,26 @@ def activation(sae) -> Callable[[Tensor], Tensor]:
     return torch.relu if sae.cfg.arch == "topk" else sae.activate
 
 
+def initial_theta(sae, v: Tensor) -> Tensor:
+    """θ₀ = the pre-activation encoding of v. For a top-k SAE the entries outside its top k are
+    capped at 0, so that ReLU(θ₀) is exactly its reconstruction's code and the support can only
+    shrink from there (capped entries get no gradient through the ReLU)."""
+    with torch.no_grad():
+        pre = sae.encode_pre(v)
+        if sae.cfg.arch == "topk":
+            keep = torch.zeros_like(pre, dtype=torch.bool)
+            keep[pre.topk(sae.cfg.k).indices] = True
+            pre = torch.where(keep, pre, pre.clamp(max=0))
+    return pre.detach().clone()
+
+
 def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, p: CleanParams, l1: float,
                  mask: Tensor) -> Cleaned:
     """Steps 1-5 above for one vector; returns the θ with the minimum L0 seen."""
     act = activation(sae)
     sae.requires_grad_(False)  # only θ is optimised
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
-    theta = sae.encode_pre(v.to(dev, dt)).detach().clone().requires_grad_(True)
+    theta = initial_theta(sae, v.to(dev, dt)).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=p.lr)
     best = (int((act(theta) > 0).sum()), theta.detach().clone(), 0)
     since = 0

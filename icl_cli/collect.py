@@ -114,7 +114,10 @@ def task_split(task: Task, n_eval: int, seed: int) -> tuple[list, list]:
 def collect_task(hm: HookedModel, tokenizer, task: Task, layers: Sequence[int], p: CollectParams,
                  saes: Sequence[tuple[str, object]] = (), device=None) -> TaskResult:
     train, heldout = task_split(task, p.n_eval, p.seed)
-    n_shot = min(p.n_shot, len(train) - 1)
+    n_shot = p.n_shot
+    if n_shot > len(train) - 1:
+        raise IclError(f"task {task.name} keeps {len(train)} of its {len(task.pairs)} pairs for the examples "
+                       f"(the rest are held out), so --n-shot can be at most {len(train) - 1}")
     few = sample_prompts(train, p.n_prompts, n_shot, p.seed, p.template, with_answer=True, task_name=task.name)
     means = mean_at_role(hm, tokenizer, few, layers, ("arrow", "output"), device=device)
     tv, dv = means["arrow"], means["output"]

@@ -44,6 +44,10 @@ def test_cleaning_only_shrinks_the_support_and_returns_the_min_l0(tiny_lm, setup
     assert not (kept & ~start).any()  # the support never grows (no revived feature)
     torch.testing.assert_close(out.vector, sae.decode(out.acts))
     assert out.steps <= p.max_steps
+    if arch == "topk":  # it starts from exactly the reconstruction's k features
+        from icl_cli.clean import initial_theta
+
+        torch.testing.assert_close(torch.relu(initial_theta(sae, v)), sae.encode(v))
 
 
 def test_no_penalty_and_no_steps_keeps_the_reconstruction(tiny_lm, setup):

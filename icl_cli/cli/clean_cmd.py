@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -39,7 +40,7 @@ def clean_cmd(
     n_train: int = typer.Option(24, "--n-train", help="0-shot training prompts per task."),
     sweep_l1: str = typer.Option("", "--sweep-l1", help="Also clean with each λ of this comma-separated list."),
     tasks: str = typer.Option("all", "--tasks", help="all (the artifact's tasks) or a comma-separated subset."),
-    detectors: bool = typer.Option(False, "--detectors", help="Clean the detector vectors (output tokens) instead."),
+    detectors: bool = typer.Option(False, "--detectors", help="Clean the detector vectors (output tokens) instead; pass the SAE of layer l−1 (SPEC §6)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
@@ -58,6 +59,8 @@ def clean_cmd(
                     sweep_l1=_floats(sweep_l1), detectors=detectors, seed=gl.seed)
     tv_art = store.resolve(tv, step="collect")
     sae_art = store.resolve(sae) if _is_ref(store, sae) else None
+    if sae_art is None and Path(sae).exists():  # a folder or file: keyed by its content
+        sae_art = store.import_path(sae, "sae", log=lambda m: log(m, ctx_globals=gl)).artifact
     d = load_dictionary(sae_art if sae_art is not None else sae, store)
     cp = tv_art.params
     layers, results = read_collect(tv_art.file("collect.h5"))
@@ -70,7 +73,10 @@ def clean_cmd(
     if tasks_digest(task_list) != cp["tasks_digest"]:
         raise IclError(f"the task data changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
     suite = {t.name: t for t in task_list}
-    params = {**p.__dict__, "layer": layer, "tasks": names, "sae": sae if sae_art is None else None}
+    from icl_cli.core.models import resolve_device, resolve_dtype
+
+    dtype = str(resolve_dtype(gl.dtype, resolve_device(gl.device)))
+    params = {**p.__dict__, "layer": layer, "tasks": names, "sae": sae if sae_art is None else None, "dtype": dtype}
     spec = StepSpec("clean", params, {"tv": tv_art, "sae": sae_art}, FORMAT_VERSION)
     holder = {}
 
@@ -136,6 +142,10 @@ def _check(d, cp: dict, layers: list[int], layer: int | None, d_model: int) -> i
         raise IclError(f"cleaning needs an SAE on resid_pre; this one is on {cfg.site}")
     if cfg.model and not same_model(cfg.model, cp["model"]):
         raise IclError(f"the SAE was trained on {cfg.model} but the task vectors come from {cp['model']}")
+    trained_on = (cfg.extra or {}).get("model_fingerprint")
+    if trained_on and trained_on != cp["model_fingerprint"]:
+        raise IclError(f"the SAE was trained on other weights of {cp['model']} than the task vectors came from; "
+                       "retrain it (`icl train-sae`) or re-run `icl collect`")
     layer = cfg.layer if layer is None else layer
     if layer is None:
         raise IclError("the SAE does not say its layer; pass --layer")

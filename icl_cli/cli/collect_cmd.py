@@ -51,7 +51,9 @@ def collect_cmd(
     sae_arts = [store.resolve(ref) for ref in saes]
     lm = load_lm(gl, model)
     sae_objs = [(a.key, load_dictionary(a).to(lm.device)) for a in sae_arts]
-    params = {**p.__dict__, "model": model, "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None, "model_fingerprint": model_fingerprint(lm.model),
+    from icl_cli.core.layers import parse_layers
+
+    params = {**p.__dict__, "layers": parse_layers(layers, lm.n_layers), "model": model, "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None, "model_fingerprint": model_fingerprint(lm.model),
               "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
               "dtype": str(lm.dtype), "device": str(lm.device)}
     spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)

@@ -33,7 +33,9 @@ def nll(logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
 
 def correct(logits: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
     """[B] bool: the greedy first answer token is right."""
-    pos = batch.answer_pos[:, 0].clamp(min=0)
+    if (batch.answer_pos[:, 0] < 0).any():
+        raise ValueError("accuracy needs prompts built with their answers (with_answer=True)")
+    pos = batch.answer_pos[:, 0]
     pred = logits[torch.arange(len(batch), device=logits.device), pos].argmax(-1)
     return pred == batch.answer_ids[:, 0]
 

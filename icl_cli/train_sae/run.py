@@ -45,9 +45,13 @@ def train_sae_artifacts(
     from icl_cli.store import StepSpec
     from icl_cli.train_sae.trainer import train_dictionaries
 
+    from icl_cli.core.identity import model_fingerprint
+
     cfg = cfg.resolved(lm.d_model, lm.n_layers)
-    specs = {l: StepSpec(step="train-sae", params={**cfg.params(l), "device": str(lm.device)}, version=VERSION)
-             for l in cfg.layers}
+    # the weights and precision the activations come from are part of what an SAE is
+    fingerprint = model_fingerprint(lm.model)
+    ident = {"model_fingerprint": fingerprint, "dtype": str(lm.dtype), "device": str(lm.device)}
+    specs = {l: StepSpec(step="train-sae", params={**cfg.params(l), **ident}, version=VERSION) for l in cfg.layers}
     pending = [l for l in cfg.layers if force or store.lookup(specs[l]) is None]
     trained: dict[int, Any] = {}
 
@@ -57,6 +61,7 @@ def train_sae_artifacts(
                 group = replace(cfg, layers=pending)
                 for r in train_dictionaries(group, lm, work_dir=st.work_dir, resume=resume, progress=progress):
                     trained[r.layer] = r
+            trained[layer].sae.cfg.extra["model_fingerprint"] = fingerprint
             return _write(st, trained[layer])
 
         return build
