@@ -31,6 +31,7 @@ def train_cmd(
     out: Optional[Path] = typer.Option(None, help="Output folder (default: the bundled folder inside the package)."),
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the recipe's)."),
     evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Measure the targets after training."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
 ) -> None:
     """Train the toy model from the built-in tasks (deterministic on CPU for a fixed --seed)."""
     _check_name(name)
@@ -47,7 +48,7 @@ def train_cmd(
     with Progress(TextColumn("training toy-icl"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                   TimeRemainingColumn(), console=stderr_console(), disable=gl.quiet) as bar:
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
-        meta = train(cfg, out_dir, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss))
+        meta = train(cfg, out_dir, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss), resume=resume)
     if evaluate_after:
         meta["eval"] = _evaluate(out_dir, gl)
         (out_dir / "toy_icl.json").write_text(json.dumps(meta, indent=2) + "\n")

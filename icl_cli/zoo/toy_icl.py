@@ -119,10 +119,57 @@ def training_batch(tokenizer, tasks: list[Task], rng: random.Random, batch: int,
     return ids_t, labels
 
 
+CHECKPOINT = ".toy-checkpoint.safetensors"
+
+
+def _save_checkpoint(path: Path, cfg: ToyConfig, step: int, model, opt, rng: random.Random, loss_ema, elapsed: float) -> None:
+    """Weights, Adam state and the data RNG after ``step`` steps, in one file written atomically."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {f"model/{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for i, p in enumerate(model.parameters()):
+        for k, v in opt.state[p].items():
+            tensors[f"opt/{i}/{k}"] = v.detach().clone().contiguous()
+    meta = {"step": step, "loss_ema": loss_ema, "elapsed": elapsed, "rng": rng.getstate(), "config": asdict(cfg)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, cfg: ToyConfig, model, opt, rng: random.Random) -> tuple[int, float | None, float]:
+    from safetensors import safe_open
+
+    from icl_cli.errors import IclError
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["config"] != asdict(cfg):
+        raise IclError(f"the checkpoint {path} belongs to another configuration; delete it or train with its settings")
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
+    params = list(model.parameters())
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, i, name = k.split("/", 2)
+            opt.state[params[int(i)]][name] = v
+    version, state, gauss = meta["rng"]
+    rng.setstate((version, tuple(state), gauss))
+    return meta["step"], meta["loss_ema"], meta["elapsed"]
+
+
 def train(
-    cfg: ToyConfig, out_dir: Path, progress: Callable[[int, int, float], None] | None = None
+    cfg: ToyConfig, out_dir: Path, progress: Callable[[int, int, float], None] | None = None,
+    resume: bool = False, checkpoint_every: int = 100,
 ) -> dict:
-    """Train the toy model and save it (HF layout) with its metadata into ``out_dir``."""
+    """Train the toy model and save it (HF layout) with its metadata into ``out_dir``.
+
+    Every ``checkpoint_every`` steps the state is saved in ``out_dir``; ``resume`` continues from
+    it and ends with the same weights as an uninterrupted run.
+    """
+    import warnings
+
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     tasks = builtin_tasks()
@@ -133,8 +180,17 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     rng = random.Random(cfg.seed)
     task_list = list(tasks.values())
-    start, loss_ema = time.time(), None
-    for step in range(cfg.steps):
+    start, loss_ema, first = time.time(), None, 0
+    ckpt = out_dir / CHECKPOINT
+    if resume and ckpt.exists():
+        first, loss_ema, elapsed = _load_checkpoint(ckpt, cfg, model, opt, rng)
+        start -= elapsed
+        with warnings.catch_warnings():  # replay the schedule up to the checkpoint
+            warnings.simplefilter("ignore")
+            for _ in range(first):
+                sched.step()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for step in range(first, cfg.steps):
         n_shot = rng.randint(0, cfg.max_shot)
         ids, labels = training_batch(tokenizer, task_list, rng, cfg.batch, n_shot)
         hidden = model.model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long()).last_hidden_state
@@ -150,12 +206,14 @@ def train(
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         if progress:
             progress(step + 1, cfg.steps, loss_ema)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, cfg, step + 1, model, opt, rng, loss_ema, time.time() - start)
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     meta = {"config": asdict(cfg), "train_seconds": round(time.time() - start, 1), "final_loss": round(loss_ema, 4),
             "n_params": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
             "tasks": {t.name: len(t.pairs) for t in task_list}}
     (out_dir / "toy_icl.json").write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt.unlink(missing_ok=True)
     return meta

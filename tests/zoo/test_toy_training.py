@@ -25,3 +25,23 @@ def test_training_is_deterministic_and_saves_an_hf_checkpoint(tmp_path):
     ids = tok("Follow the pattern:\nhot -> cold\nbig ->")["input_ids"]
     assert tok.unk_token_id not in ids
     assert tok.convert_ids_to_tokens(ids)[:6] == ["<bos>", "Follow", "the", "pattern", ":", "\n"]
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    cfg = ToyConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=6, batch=4, max_shot=4)
+    train(cfg, tmp_path / "full", checkpoint_every=2)
+
+    def stop_at_5(step, total, loss):
+        if step == 5:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 4
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=stop_at_5, checkpoint_every=2)
+    assert (tmp_path / "cut" / ".toy-checkpoint.safetensors").exists()
+    steps = []
+    train(cfg, tmp_path / "cut", progress=lambda s, n, l: steps.append(s), resume=True, checkpoint_every=2)
+    assert steps == [5, 6]
+    wa = load_file(tmp_path / "full" / "model.safetensors")
+    wb = load_file(tmp_path / "cut" / "model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    assert not (tmp_path / "cut" / ".toy-checkpoint.safetensors").exists()
