@@ -38,7 +38,9 @@ def collect_cmd(
     if ctx.invoked_subcommand is not None:
         return
     from icl_cli.collect import FORMAT_VERSION, CollectParams, run_collect, summary_json, write_h5
-    from icl_cli.core.identity import model_fingerprint, tasks_digest
+    from icl_cli.core.identity import model_fingerprint, model_info, tasks_digest
+    from icl_cli.core.layers import parse_layers
+    from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.tasks import resolve_tasks
     from icl_cli.dictionaries.io import load_dictionary
     from icl_cli.store import StepSpec
@@ -49,19 +51,23 @@ def collect_cmd(
                       template=template, n_first=n_first, seed=gl.seed)
     task_list = resolve_tasks(tasks, tasks_dir)
     sae_arts = [store.resolve(ref) for ref in saes]
-    lm = load_lm(gl, model)
-    sae_objs = [(a.key, load_dictionary(a).to(lm.device)) for a in sae_arts]
-    from icl_cli.core.layers import parse_layers
-
-    params = {**p.__dict__, "layers": parse_layers(layers, lm.n_layers), "model": model, "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None, "model_fingerprint": model_fingerprint(lm.model),
+    # the key comes from the model's config and files: an existing artifact needs no model load
+    fingerprint, n_layers, _ = model_info(model, gl.trust_remote_code)
+    lm = None if fingerprint else load_lm(gl, model)
+    device = resolve_device(gl.device)
+    params = {**p.__dict__, "layers": parse_layers(layers, n_layers), "model": model,
+              "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None,
+              "model_fingerprint": fingerprint or model_fingerprint(lm.model),
               "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
-              "dtype": str(lm.dtype), "device": str(lm.device)}
+              "dtype": str(resolve_dtype(gl.dtype, device)), "device": str(device)}
     spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)
     holder = {}
 
     def build(st):
+        lm_ = lm or load_lm(gl, model)
+        sae_objs = [(a.key, load_dictionary(a).to(lm_.device)) for a in sae_arts]
         with task_progress(gl, len(task_list), "collect") as advance:
-            layer_list, results = run_collect(lm, task_list, p, sae_objs, progress=advance, work_dir=st.work_dir)
+            layer_list, results = run_collect(lm_, task_list, p, sae_objs, progress=advance, work_dir=st.work_dir)
         with st.h5("collect.h5") as f:
             write_h5(f, layer_list, results)
         holder["data"] = (layer_list, results)

@@ -34,16 +34,46 @@ def model_fingerprint(model) -> str:
         return f"hf:{commit}"
     folder = Path(getattr(cfg, "_name_or_path", "") or "")
     if folder.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(folder.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin", ".model"):
-                h.update(f.name.encode() + str(f.stat().st_size).encode())
-                with f.open("rb") as fh:
-                    h.update(fh.read(1 << 20))
-        return f"dir:{h.hexdigest()[:16]}"
+        return folder_fingerprint(folder)
     # an in-memory model (tests): its config and the bytes of its first and last parameters
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
     params = list(model.parameters())
     for p in (params[0], params[-1]):
         h.update(p.detach().float().cpu().numpy().tobytes()[: 1 << 20])
     return f"mem:{h.hexdigest()[:16]}"
+
+
+def folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
+            h.update(f.name.encode() + str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+    return f"dir:{h.hexdigest()[:16]}"
+
+
+def model_info(name_or_path: str, trust_remote_code: bool = False) -> tuple[str | None, int, int]:
+    """(fingerprint, n_layers, d_model) of a model from its config alone, without reading weights,
+    so a step whose artifact exists is reused without loading the model. The fingerprint is None
+    when it can only be known from the loaded model."""
+    import transformers as tr
+
+    from icl_cli.core.hub import offline_unless_reachable
+    from icl_cli.core.models import hub_error_message, resolve_source
+
+    source, local = resolve_source(name_or_path)
+    try:
+        with offline_unless_reachable():
+            cfg = tr.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        from icl_cli.errors import IclError
+
+        raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if local:
+        fingerprint = folder_fingerprint(Path(source))
+    else:
+        commit = getattr(cfg, "_commit_hash", None)
+        fingerprint = f"hf:{commit}" if commit else None
+    return fingerprint, int(text.num_hidden_layers), int(text.hidden_size)
