@@ -43,10 +43,14 @@ def model_fingerprint(model) -> str:
     return f"mem:{h.hexdigest()[:16]}"
 
 
+_MODEL_JSON = {"config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
+
+
 def folder_fingerprint(folder: Path) -> str:
+    """Hash of the files that define a model folder's behaviour (metadata files beside them do not count)."""
     h = hashlib.sha256()
     for f in sorted(Path(folder).iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin", ".model"):
+        if f.suffix in (".safetensors", ".bin", ".model") or f.name in _MODEL_JSON:
             h.update(f.name.encode() + str(f.stat().st_size).encode())
             with f.open("rb") as fh:
                 h.update(fh.read(1 << 20))
