@@ -89,11 +89,11 @@ def _table(data: dict):
     from rich.table import Table
 
     layers = [str(l) for l in data["layers"]]
-    tab = Table(title=f"0-shot + TV loss (nll) by layer; * = best; collect {data['key'][:12]}")
+    tab = Table(title=f"nll of 0-shot prompts with the task vector added, by layer (* = best); collect {data['key'][:12]}")
     tab.add_column("task")
     tab.add_column("0-shot", justify="right")
     for l in layers:
-        tab.add_column(f"L{l}", justify="right")
+        tab.add_column(f"layer {l}" if len(layers) <= 8 else l, justify="right")
     tab.add_column("few-shot", justify="right")
     for task, r in data["tasks"].items():
         rows = r["layers"]
