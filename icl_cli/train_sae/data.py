@@ -125,15 +125,47 @@ def token_chunks(texts: Iterator[str], tokenizer, ctx: int) -> Iterator[list[int
                 yield ([bos] if bos is not None else []) + piece
 
 
-def chunk_stream(dataset: str, tokenizer, ctx: int, seed: int, n_eval: int) -> tuple[Iterator[list[int]], list[list[int]]]:
-    """(training chunks, held-out chunks). Files/datasets hold out their first n_eval chunks."""
+def toy_eval_chunks(tokenizer, ctx: int, seed: int, n: int) -> tuple[list[list[int]], list[list[bool]]]:
+    """Held-out task prompts (≤ ctx tokens) and, per token, whether it is an answer token.
+
+    The toy model is trained to predict answers only, so its CE loss is measured on them; the
+    answer tokens come from character offsets, like every token role.
+    """
+    from icl_cli.core.batch import token_roles
+    from icl_cli.core.prompts import Prompt
+    from icl_cli.core.tasks import builtin_tasks
+
+    tasks = list(builtin_tasks().values())
+    rng = random.Random(seed + EVAL_SEED_OFFSET)
+    chunks, targets = [], []
+    while len(chunks) < n:
+        task = rng.choice(tasks)
+        k = min(rng.randint(0, 24), len(task.pairs) - 1)
+        chosen = rng.sample(task.pairs, k + 1)
+        p = Prompt(chosen[:-1], chosen[-1], "paper", True)
+        enc = tokenizer(p.text, return_offsets_mapping=True)
+        _, out_tokens, _ = token_roles(enc["offset_mapping"], p.segments, len(p.pairs))
+        answer = {t for toks in out_tokens for t in toks}
+        ids = enc["input_ids"][:ctx]
+        chunks.append(ids)
+        targets.append([t in answer for t in range(len(ids))])
+    return chunks, targets
+
+
+def chunk_stream(dataset: str, tokenizer, ctx: int, seed: int, n_eval: int
+                 ) -> tuple[Iterator[list[int]], list[list[int]], list[list[bool]] | None]:
+    """(training chunks, held-out chunks, held-out CE targets or None for every next token).
+
+    Files/datasets hold out their first n_eval chunks; the toy corpus holds out prompts of
+    another seed, scored on their answer tokens.
+    """
     if dataset == "tasks":
         train = token_chunks(text_stream(dataset, seed, "train"), tokenizer, ctx)
-        held = list(itertools.islice(token_chunks(text_stream(dataset, seed, "eval"), tokenizer, ctx), n_eval))
-        return train, held
+        held, targets = toy_eval_chunks(tokenizer, ctx, seed, n_eval)
+        return train, held, targets
     stream = token_chunks(text_stream(dataset, seed, "train"), tokenizer, ctx)
     held = list(itertools.islice(stream, n_eval))
-    return stream, held
+    return stream, held, None
 
 
 def pad_batch(chunks: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

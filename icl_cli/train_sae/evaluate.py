@@ -5,7 +5,9 @@ For each dictionary, on tokens it never trained on (BOS and padding excluded):
 - FVU: Σ‖t − t̂‖² / Σ‖t − mean(t)‖² (fraction of variance unexplained);
 - CE loss recovered: (CE_zero − CE_spliced) / (CE_zero − CE_clean), where CE_spliced runs the
   model with the site replaced by the reconstruction (a transcoder replaces mlp_out with
-  transcoder(mlp_in)) and CE_zero with the site set to zero, at the same positions.
+  transcoder(mlp_in)) and CE_zero with the site set to zero, at the same positions. CE is over
+  every next token of a text corpus, and over the answer tokens of the toy model's task prompts
+  (the only tokens it is trained to predict).
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ from icl_cli.train_sae.data import pad_batch, token_mask
 
 
 def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy over real (non-pad) targets, and their count."""
+    """Summed next-token cross-entropy over the targets in ``mask`` ([B, P], 1 = score the
+    prediction of this token), and their count."""
     tgt_mask = mask[:, 1:].bool()
     lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
     return float(lp[tgt_mask].sum()), int(tgt_mask.sum())
 
 
 @torch.no_grad()
-def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: list[list[int]], device, rows: int = 16) -> list[dict]:
-    """One metrics dict per dictionary: l0, fvu, ce_clean, ce_spliced, ce_zero, ce_recovered."""
+def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: list[list[int]], device, rows: int = 16,
+             targets: list[list[bool]] | None = None) -> list[dict]:
+    """One metrics dict per dictionary: l0, fvu, ce_clean, ce_spliced, ce_zero, ce_recovered.
+
+    targets: per chunk and token, whether CE scores the prediction of that token (default: every
+    real token). The toy model is scored on answer tokens, the only ones it was trained on.
+    """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     has_bos = tokenizer.bos_token_id is not None
     n = len(dicts)
@@ -42,10 +50,15 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
     for start in range(0, len(chunks), rows):
         ids, mask = pad_batch(chunks[start : start + rows], pad)
         ids, mask = ids.to(device), mask.to(device)
+        scored = mask
+        if targets is not None:
+            scored = torch.zeros_like(mask)
+            for b, t in enumerate(targets[start : start + rows]):
+                scored[b, : len(t)] = torch.tensor(t, dtype=mask.dtype)
         keep = token_mask(mask, has_bos)
         sites = {s for pair in reads for s in pair if s is not None}
         out = hm.run(ids, mask, read=sites)
-        c, cnt = _ce(out.logits, ids, mask)
+        c, cnt = _ce(out.logits, ids, scored)
         ce["clean"] += c
         n_tgt += cnt
         tokens += int(keep.sum())
@@ -61,7 +74,7 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
             for kind in ("sae", "zero"):
                 edit = _splice(d, s_in, s_out, keep, zero=kind == "zero")
                 logits = hm.run(ids, mask, edit=edit).logits
-                ce[f"{kind}{i}"] += _ce(logits, ids, mask)[0]
+                ce[f"{kind}{i}"] += _ce(logits, ids, scored)[0]
     results = []
     for i in range(n):
         var = sq[i] - float(sums[i].pow(2).sum()) / max(tokens, 1)

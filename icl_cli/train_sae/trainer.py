@@ -128,7 +128,7 @@ def train_dictionaries(
 
     ctx = cfg.ctx
     n_eval = max(1, math.ceil(cfg.eval_tokens / max(ctx - 1, 1)))
-    train_chunks, eval_chunks = chunk_stream(cfg.dataset, lm.tokenizer, ctx, cfg.seed, n_eval)
+    train_chunks, eval_chunks, eval_targets = chunk_stream(cfg.dataset, lm.tokenizer, ctx, cfg.seed, n_eval)
     if not eval_chunks:
         raise IclError(f"the dataset {cfg.dataset!r} yielded no tokens; check --dataset")
     rows = max(1, min(64, cfg.batch_tokens // ctx))
@@ -245,7 +245,7 @@ def train_dictionaries(
     for i, d in enumerate(dicts):
         d.fold_normalisation(float(st.n_in[i]), float(st.n_out[i]))
         d.eval()
-    metrics = evaluate(hm, lm.tokenizer, dicts, reads, eval_chunks, device, rows=rows)
+    metrics = evaluate(hm, lm.tokenizer, dicts, reads, eval_chunks, device, rows=rows, targets=eval_targets)
     out = []
     for i, (layer, d) in enumerate(zip(cfg.layers, dicts)):
         dead = (st.tokens - st.last_fired[i]) > dead_window
