@@ -7,13 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
 PY=${PY:-.venv/bin/python}
-TOKENS=${SAE_TOKENS:-2000000}
+TOKENS=${SAE_TOKENS:-1000000}
 CIRCUIT_LAYERS=${CIRCUIT_LAYERS:-2,3,4}
 out=$(mktemp)
 for spec in "resid all" "attn $CIRCUIT_LAYERS" "transcoder $CIRCUIT_LAYERS"; do
   set -- $spec
   $ICL --json train-sae --model toy-icl --site "$1" --layer "$2" --arch gated --tokens "$TOKENS" \
-       --name "toy-$1" | "$PY" -c '
+       --batch-tokens 1024 --lr 1e-3 --l1 "${SAE_L1:-1}" --name "toy-$1" | "$PY" -c '
 import json, sys
 data = json.load(sys.stdin)
 for r in data if isinstance(data, list) else [data]:
