@@ -32,6 +32,7 @@ def train_cmd(
     steps: Optional[int] = typer.Option(None, help="Optimiser steps (default: the recipe's)."),
     evaluate_after: bool = typer.Option(True, "--eval/--no-eval", help="Measure the targets after training."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default 1, as the bundled weights; 2 is ~35% faster but not bit-identical)."),
 ) -> None:
     """Train the toy model from the built-in tasks (deterministic on CPU for a fixed --seed)."""
     _check_name(name)
@@ -44,6 +45,10 @@ def train_cmd(
     cfg = ToyConfig(seed=gl.seed)
     if steps is not None:
         cfg.steps = steps
+    if threads is not None:
+        if threads < 1:
+            raise IclError("--threads must be ≥ 1")
+        cfg.threads = threads
     out_dir = out or TOY_DIR
     with Progress(TextColumn("training toy-icl"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
                   TimeRemainingColumn(), console=stderr_console(), disable=gl.quiet) as bar:
