@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from icl_cli.cli.common import load_lm, saved, task_progress
+from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
 from icl_cli.errors import IclError
 
@@ -47,7 +47,8 @@ def clean_cmd(
     """Clean task vectors into a few SAE features that keep the task (plus the baselines)."""
     from icl_cli.clean import FORMAT_VERSION, CleanParams, CleanResult, clean_task, read_h5, summary_json, write_h5
     from icl_cli.collect import read_h5 as read_collect
-    from icl_cli.core.identity import tasks_digest
+    from icl_cli.core.identity import model_fingerprint, tasks_digest
+    from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.sites import HookedModel
     from icl_cli.core.tasks import resolve_tasks
     from icl_cli.dictionaries.io import load_dictionary
@@ -58,7 +59,7 @@ def clean_cmd(
     p = CleanParams(l1=l1, lr=lr, max_steps=max_steps, patience=patience, n_train=n_train,
                     sweep_l1=_floats(sweep_l1), detectors=detectors, seed=gl.seed)
     tv_art = store.resolve(tv, step="collect")
-    sae_art = store.resolve(sae) if _is_ref(store, sae) else None
+    sae_art = maybe_artifact(store, sae)
     if sae_art is None and Path(sae).exists():  # a folder or file: keyed by its content
         sae_art = store.import_path(sae, "sae", log=lambda m: log(m, ctx_globals=gl)).artifact
     d = load_dictionary(sae_art if sae_art is not None else sae, store)
@@ -73,8 +74,6 @@ def clean_cmd(
     if tasks_digest(task_list) != cp["tasks_digest"]:
         raise IclError(f"the task data changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
     suite = {t.name: t for t in task_list}
-    from icl_cli.core.models import resolve_device, resolve_dtype
-
     dtype = str(resolve_dtype(gl.dtype, resolve_device(gl.device)))
     params = {**p.__dict__, "layer": layer, "tasks": names, "sae": sae if sae_art is None else None, "dtype": dtype}
     spec = StepSpec("clean", params, {"tv": tv_art, "sae": sae_art}, FORMAT_VERSION)
@@ -82,8 +81,6 @@ def clean_cmd(
 
     def build(st):
         lm = load_lm(gl, cp["model"])
-        from icl_cli.core.identity import model_fingerprint
-
         if model_fingerprint(lm.model) != cp["model_fingerprint"]:
             raise IclError(f"model {cp['model']} has changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
         hm = HookedModel(lm.model)
@@ -110,14 +107,6 @@ def clean_cmd(
     saved(gl, res)
     data = summary_json(res.artifact.key, *(holder.get("data") or read_h5(res.artifact.file("clean.h5"))))
     emit(gl, data, table=lambda: _table(data), keys=[res.artifact.key])
-
-
-def _is_ref(store, ref: str) -> bool:
-    try:
-        store.resolve(ref)
-        return True
-    except IclError:
-        return False
 
 
 def same_model(a: str, b: str) -> bool:

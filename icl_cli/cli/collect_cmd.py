@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from icl_cli.cli.common import load_lm, saved, task_progress
+from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
 
 app = typer.Typer(help="Task vectors from few-shot prompts, layer sweeps, activations by token role.",
@@ -142,7 +142,7 @@ def top_activations_cmd(
         raise IclError(f"--features takes comma-separated integers, got {features!r}") from None
     if not feats or tokens < 1 or n_top < 1 or ctx_len < 2:
         raise IclError("need at least one feature, --tokens ≥ 1, --n-top ≥ 1 and --ctx ≥ 2")
-    art = _maybe_artifact(store, sae)
+    art = maybe_artifact(store, sae)
     d = load_dictionary(art if art is not None else sae, store)
     model = model or d.cfg.model or "toy-icl"
     p = TopParams(feats, dataset, tokens, ctx_len, n_top, gl.seed)
@@ -164,15 +164,6 @@ def top_activations_cmd(
     ctxs = contexts(lm.tokenizer, fs, r)
     data = {"key": res.artifact.key, "features": {str(f): rows for f, rows in ctxs.items()}}
     emit(gl, data, table=lambda: _top_table(ctxs), keys=[res.artifact.key])
-
-
-def _maybe_artifact(store, ref: str):
-    from icl_cli.errors import IclError
-
-    try:
-        return store.resolve(ref)
-    except IclError:
-        return None
 
 
 def _top_table(ctxs: dict):

@@ -44,3 +44,13 @@ def saved(gl: Globals, res) -> None:
     """Say on stderr whether an artifact was computed or reused."""
     verb = "reused" if res.reused else "saved"
     log(f"{verb} {res.artifact.step} artifact {res.artifact.key[:12]}", ctx_globals=gl)
+
+
+def maybe_artifact(store, ref: str):
+    """The store artifact ``ref`` names, or None when it names none (a folder, file or release id)."""
+    from icl_cli.errors import IclError
+
+    try:
+        return store.resolve(ref)
+    except IclError:
+        return None
