@@ -20,12 +20,16 @@ for r in data if isinstance(data, list) else [data]:
     print(json.dumps({"site": sys.argv[1], **r}))' "$1" >> "$out"
 done
 "$PY" - "$out" <<'PYEOF'
-import json, sys
+import json, os, sys
+from icl_cli.store import Store
+store = Store(os.environ.get("ICL_STORE", "artifacts"))
 rows = [json.loads(line) for line in open(sys.argv[1])]
+for r in rows:
+    r["layer"] = store.get(r["key"]).params["layer"]
 print("| site | layer | L0 | FVU | dead | CE recovered | key |")
 print("|---|---|---|---|---|---|---|")
 for r in rows:
     m = r["metrics"]
-    print(f"| {r['site']} | {r.get('layer', '?')} | {m['l0']:.1f} | {m['fvu']:.3f} | {m['dead_fraction']:.3f} | {m['ce_recovered']:.3f} | {r['key'][:12]} |")
+    print(f"| {r['site']} | {r['layer']} | {m['l0']:.1f} | {m['fvu']:.3f} | {m['dead_fraction']:.3f} | {m['ce_recovered']:.3f} | {r['key'][:12]} |")
 PYEOF
 rm -f "$out"
