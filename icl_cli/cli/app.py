@@ -118,6 +118,11 @@ _SUBCOMMANDS = [
     ("train_sae_cmd", "train-sae"),
     ("collect_cmd", "collect"),
     ("clean_cmd", "clean"),
+    ("steer_cmd", "steer"),
+    ("ablate_cmd", "ablate"),
+    ("circuit_cmd", "circuit"),
+    ("report_cmd", "report"),
+    ("pipeline_cmd", "pipeline"),
 ]
 
 _register()
