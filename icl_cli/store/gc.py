@@ -7,7 +7,8 @@
 3. Staging folders of writers that are dead (the pid in their name is gone, or they are older
    than ``STAGING_MAX_AGE_S``) and ``.trash`` leftovers are deleted.
 4. Work folders (checkpoints) are deleted once their artifact is published, or when no writer is
-   alive for them and nothing in them changed during the grace period.
+   alive for them (no staging folder of a live pid, no process holding the key's lock) and
+   nothing in them changed during the grace period.
 5. Names that point at artifacts no longer in the store are dropped.
 """
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 from icl_cli.errors import IntegrityError
 from icl_cli.store.fsutil import newest_mtime, remove_tree, tree_size
 from icl_cli.store.keys import KEY_RE
+from icl_cli.store.lock import is_locked
 
 if TYPE_CHECKING:
     from icl_cli.store.store import Store
@@ -155,7 +157,7 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
     work = store.root / ".work"
     for path in sorted(work.iterdir()) if work.is_dir() else []:
         published = store.get(path.name) is not None
-        idle = path.name not in live_keys and newest_mtime(path) <= cutoff
+        idle = path.name not in live_keys and not is_locked(store.root, path.name) and newest_mtime(path) <= cutoff
         if published or idle:
             report.work.append(str(path))
             report.freed_bytes += tree_size(path)

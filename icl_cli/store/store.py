@@ -12,6 +12,7 @@ Layout under ``root``::
     .names/<name>                           one small file per name, holding a key
     .staging/<key>.<pid>.<rand>/            artifacts being written (see staging.py)
     .work/<key>/                            resumable scratch of a step (checkpoints)
+    .locks/<key>.lock                       held (flock) while a process computes <key> (lock.py)
     .trash/                                 artifacts being deleted (moved here first)
 """
 
@@ -31,6 +32,7 @@ from icl_cli.errors import IclError, IntegrityError
 from icl_cli.store.artifact import MANIFEST_FORMAT, Artifact, StepResult, code_version, environment, read_manifest
 from icl_cli.store.fsutil import MANIFEST, atomic_write_text, copy_tree_writable, remove_tree
 from icl_cli.store.keys import KEY_RE, StepSpec, normalise, split_params
+from icl_cli.store.lock import key_lock
 from icl_cli.store.staging import Staging, finalise, new_staging_dir, now_iso, publish
 
 _logger = logging.getLogger("icl")
@@ -127,12 +129,32 @@ class Store:
         spec = self.bind(spec)
         key = spec.key
         if not force:
-            art = self.get(key)
+            art = self._reuse(spec, name, say)
             if art is not None:
-                say(f"reusing {key[:12]} (step {spec.step}); pass --force to recompute")
-                if name is not None:
-                    self.tag(art, name)
                 return StepResult(art, True)
+
+        def waiting(holder: str) -> None:
+            say(f"waiting for {holder}, which is computing {key[:12]} (step {spec.step}) in this store")
+
+        # One writer per key: a second process waits here, then reuses what the first published.
+        with key_lock(self.root, key, on_wait=waiting):
+            if not force:
+                art = self._reuse(spec, name, say)
+                if art is not None:
+                    return StepResult(art, True)
+            return self._build(spec, build, name, force, say)
+
+    def _reuse(self, spec: StepSpec, name: str | None, say: Log) -> Artifact | None:
+        art = self.get(spec.key)
+        if art is not None:
+            say(f"reusing {spec.key[:12]} (step {spec.step}); pass --force to recompute")
+            if name is not None:
+                self.tag(art, name)
+        return art
+
+    def _build(self, spec: StepSpec, build: Build, name: str | None, force: bool, say: Log) -> StepResult:
+        """Run ``build`` in a staging folder and publish it (the caller holds the key's lock)."""
+        key = spec.key
         hashed, speed = split_params(spec.params)
         work_dir = self.root / ".work" / key
         staging = new_staging_dir(self.root, key)

@@ -173,34 +173,3 @@ def test_kill_9_at_a_random_moment_never_leaves_a_partial_artifact(store, spawn)
         store.get(path.name).verify()
     store.gc(older_than_seconds=14 * 86400)
     assert not any((store.root / ".staging").iterdir())
-
-
-_RACE_WRITER = """
-import os, sys, time
-from pathlib import Path
-from icl_cli.store import Store, StepSpec
-store, marks = Store(sys.argv[1]), Path(sys.argv[2])
-def build(st):
-    (marks / f"built.{os.getpid()}").touch()
-    deadline = time.time() + 20
-    while len(list(marks.glob("built.*"))) < 2 and time.time() < deadline:  # both are building
-        time.sleep(0.01)
-    st.write_json("tv.json", {"value": 42})
-res = store.run(StepSpec("collect", {"layer": 7}), build, log=lambda m: print("log:", m, file=sys.stderr))
-print(res.artifact.key)
-"""
-
-
-def test_two_concurrent_writers_of_one_key_both_succeed(store, tmp_path, spawn):
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    procs = [spawn(_RACE_WRITER, str(store.root), str(marks)) for _ in range(2)]
-    outs = [p.communicate(timeout=30) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
-    keys = {out.strip() for out, _ in outs}
-    assert keys == {StepSpec("collect", {"layer": 7}).key}
-    assert len(list(marks.glob("built.*"))) == 2  # both really computed it
-    assert sum("published meanwhile" in err for _, err in outs) == 1  # one lost the rename race
-    assert store.keys() == list(keys)
-    assert list((store.root / ".staging").iterdir()) == []
-    store.get(keys.pop()).verify()
