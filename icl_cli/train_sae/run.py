@@ -6,6 +6,9 @@ Each artifact is a SAELens folder (cfg.json, sae_weights.safetensors, sparsity.s
 curves.h5 with the training curves; its manifest metrics hold l0, fvu, dead_fraction and
 ce_recovered. Layers that already have an artifact are reused; the others train together, with
 their checkpoints in the work dir of the first pending layer's key (so --resume finds them).
+Each layer's weights depend only on its own key (trainer.init_generator), so which layers train
+together changes nothing. The store holds each key's lock while it builds: a second process
+asking for the same layers waits, then reuses them (or trains only those still missing).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Callable
 
 from icl_cli.train_sae.config import TrainConfig
 
-VERSION = 2  # 2: CE recovered on answer tokens for the toy corpus
+VERSION = 3  # 2: CE recovered on answer tokens for the toy corpus; 3: per-layer initialisation
 
 
 @dataclass
@@ -57,8 +60,11 @@ def train_sae_artifacts(
 
     def build_for(layer: int):
         def build(st) -> dict:
-            if not trained:
-                group = replace(cfg, layers=pending)
+            if layer not in trained:
+                # under this key's lock: train what is still missing (another process may have
+                # published some layers meanwhile); layers are independent, so the result is the same
+                todo = [l for l in pending if l not in trained and (force or store.lookup(specs[l]) is None)]
+                group = replace(cfg, layers=todo if layer in todo else [layer])
                 for r in train_dictionaries(group, lm, work_dir=st.work_dir, resume=resume, progress=progress):
                     trained[r.layer] = r
             trained[layer].sae.cfg.extra["model_fingerprint"] = fingerprint

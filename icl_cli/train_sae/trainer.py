@@ -115,13 +115,15 @@ def train_dictionaries(
     n = len(reads)
     site_name = SITE_KINDS[cfg.site]
 
-    g_init = torch.Generator().manual_seed(cfg.seed)
+    # One generator per dictionary, seeded by what its key hashes (seed, site, layer): a layer
+    # trained alone gets the same initial weights and resamples as among other layers.
+    g_init = [init_generator(cfg.seed, cfg.site, layer) for layer in cfg.layers]
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
     dicts = []
-    for layer in cfg.layers:
+    for layer, gen in zip(cfg.layers, g_init):
         d = build(DictConfig(d_in=lm.d_model, d_sae=cfg.width, arch=cfg.arch, model=cfg.model, site=site_name,
                              layer=layer, k=cfg.k if cfg.arch == "topk" else 0))
-        d.reset_parameters(g_init)
+        d.reset_parameters(gen)
         dicts.append(d.to(device))
     params = [p for d in dicts for p in d.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
@@ -154,7 +156,8 @@ def train_dictionaries(
             d.load_state_dict({k[len(f"sae{i}.") :]: v.to(device) for k, v in tensors.items() if k.startswith(f"sae{i}.")})
         ckpt.load_optimizer(opt, {k: v.to(device) for k, v in tensors.items() if k.startswith("opt.")})
         g_data.set_state(tensors["rng.data"])
-        g_init.set_state(tensors["rng.init"])
+        for i, gen in enumerate(g_init):
+            gen.set_state(tensors[f"rng.init.{i}"])
         st.load(tensors, meta)
         buf.load({k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("buf.")})
         src.skip(meta["position"])
@@ -167,16 +170,13 @@ def train_dictionaries(
         buf._refill()
         if buf.x is None or buf.x.shape[0] == 0:
             raise IclError(f"the dataset {cfg.dataset!r} yielded no training tokens; check --dataset")
-        x0 = buf.x.float()
-        st.n_in = math.sqrt(lm.d_model) / x0.norm(dim=-1).mean(0).clamp_min(1e-12).cpu()
-        if buf.t is not None:
-            st.n_out = math.sqrt(lm.d_model) / buf.t.float().norm(dim=-1).mean(0).clamp_min(1e-12).cpu()
-        else:
-            st.n_out = st.n_in.clone()
-        target0 = (buf.t if buf.t is not None else buf.x).float()
+        # per layer (not one reduction over [N, n, d]) so a layer's numbers do not depend on the others
+        st.n_in = _input_scale(buf.x, lm.d_model)
+        st.n_out = _input_scale(buf.t, lm.d_model) if buf.t is not None else st.n_in.clone()
+        target0 = buf.t if buf.t is not None else buf.x
         with torch.no_grad():
             for i, d in enumerate(dicts):  # start the decoder bias at the mean target
-                d.b_dec.copy_(target0[:, i].mean(0) * st.n_out[i].to(target0.device))
+                d.b_dec.copy_(target0[:, i].float().contiguous().mean(0) * st.n_out[i].to(target0.device))
 
     n_in, n_out = st.n_in.to(device), st.n_out.to(device)
     t_start, tok_start = time.perf_counter(), st.tokens
@@ -256,19 +256,35 @@ def train_dictionaries(
     return out
 
 
+def _input_scale(x: Tensor, d_model: int) -> Tensor:
+    """[n] the factor √d / mean ‖x‖ of each dictionary's input x [N, n, d] (SPEC §9)."""
+    return torch.stack([math.sqrt(d_model) / x[:, i].float().contiguous().norm(dim=-1).mean().clamp_min(1e-12)
+                        for i in range(x.shape[1])]).cpu()
+
+
+def init_generator(seed: int, site: str, layer: int) -> torch.Generator:
+    """The generator of one dictionary's initialisation and resampling: a function of the seed,
+    the site and the layer only (all three are in the artifact's key)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"train-sae init {seed} {site} {layer}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 def _identity(cfg: TrainConfig) -> str:
     import hashlib
     import json
 
     p = cfg.params(-1)
     p["layers"] = cfg.layers
+    p["init"] = "per-layer generators"  # checkpoints of the shared generator do not resume here
     return hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _save(work_dir, dicts, opt, g_data, g_init, st: _State, buf: ShuffleBuffer, src: ActivationSource, identity: str) -> None:
     tensors = {f"sae{i}.{k}": v for i, d in enumerate(dicts) for k, v in d.state_dict().items()}
     tensors.update(ckpt.optimizer_tensors(opt))
-    tensors.update({"rng.data": g_data.get_state(), "rng.init": g_init.get_state()})
+    tensors.update({"rng.data": g_data.get_state(), **{f"rng.init.{i}": g.get_state() for i, g in enumerate(g_init)}})
     tensors.update(st.to_tensors())
     tensors.update({f"buf.{k}": v for k, v in buf.state().items()})
     meta = {"step": st.step, "tokens": st.tokens, "late_tokens": st.late_tokens, "position": src.position,
@@ -287,7 +303,7 @@ def _nan_error(work_dir: Path | None, step: int) -> IclError:
 
 
 @torch.no_grad()
-def _resample(dicts, opt, buf: ShuffleBuffer, st: _State, n_in: Tensor, n_out: Tensor, gen: torch.Generator) -> None:
+def _resample(dicts, opt, buf: ShuffleBuffer, st: _State, n_in: Tensor, n_out: Tensor, gens: list[torch.Generator]) -> None:
     """Point features silent since the last resample at inputs the dictionary reconstructs badly."""
     x, t = buf.x, buf.t
     if x is None or x.shape[0] == 0:
@@ -302,7 +318,7 @@ def _resample(dicts, opt, buf: ShuffleBuffer, st: _State, n_in: Tensor, n_out: T
         xi = x[:, i].float() * n_in[i]
         ti = (t[:, i].float() if t is not None else x[:, i].float()) * n_out[i]
         err = (ti - d(xi)).pow(2).sum(-1)
-        pick = torch.multinomial(err.cpu().double() + 1e-12, len(dead), replacement=True, generator=gen).to(xi.device)
+        pick = torch.multinomial(err.cpu().double() + 1e-12, len(dead), replacement=True, generator=gens[i]).to(xi.device)
         direction = ti[pick] - d(xi[pick])
         direction = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         alive = st.fired_since_resample[i].new_ones(d.cfg.d_sae, dtype=torch.bool)
