@@ -1,0 +1,414 @@
+"""Steering with single SAE features (SPEC §6; Kharlapenko et al. 2025, §4): the executor heatmap,
+detector steering and negative steering.
+
+    icl steer --clean CLEAN_REF                          # executor heatmap at the cleaning layer l
+    icl steer --clean CLEAN_DETECTORS_REF --mode detector
+    icl steer --clean CLEAN_REF --mode negative
+
+1. The direction of feature f is u_f = W_dec[f] / ‖W_dec[f]‖ (W_dec in model space, the SAE's
+   normalisation folded in).
+2. Executor heatmap: for each task t, held-out 0-shot prompts (the queries that ``collect`` held
+   out, sampled exactly as ``clean`` samples its held-out prompts). base = their nll unsteered;
+   cell (t, f) = their nll with s·u_f added to resid_pre[l] at the query's arrow; the effect is the
+   relative loss decrease (base − min(nll, base)) / base.
+   Speed: the residual below l is computed once per task (``BaseCache``) and the cells of one task
+   run in batched passes of c features × B prompts: the cached residual is repeated c times and
+   row k·B + b carries s·u_{f_k}; only blocks ≥ l run.
+3. Detector heatmap: the same with the dummy example "X -> Y" prepended to the 0-shot prompt and
+   s·u_f added at its output token "Y", at the detector SAE's layer (paper: l − 1, s = 25).
+4. Executors (detectors) of t, the documented rule: f with effect[t, f] ≥ ``min_effect`` and
+   effect[t', f] ≤ ``max_other`` · effect[t, f] for every other task t' (large on t, small
+   elsewhere; with max_other < 1 a feature belongs to at most one task).
+5. Negative steering: the task's direction d_t = Σ_{f∈S_t} u_f / ‖Σ_{f∈S_t} u_f‖ (S_t: the task's
+   kept features, its executors, or given ids); s·d_t is subtracted at every arrow of held-out
+   few-shot prompts (sampled as ``collect`` samples its few-shot evaluation), for each s of a sweep
+   (paper: logspace 1…31.6); nll and acc per (task, scale).
+
+HDF5 layout (``steer.h5``)::
+
+    attrs     mode, layer, scale (executor/detector), model, min_effect, max_other
+    tasks [T] utf-8    features [F] int64
+    effect [T,F] nll [T,F] acc [T,F] float32, base_nll [T] base_acc [T]       (executor/detector)
+    scales [S] nll [T,S] acc [T,S] float32, base_nll [T] base_acc [T]         (negative)
+    kept/<task>, selected/<task> int64
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from icl_cli.clean import _prompts as heldout_prompts
+from icl_cli.clean import steer_mask
+from icl_cli.collect import task_split
+from icl_cli.core.batch import PromptBatch
+from icl_cli.core.metrics import correct, nll_per_prompt
+from icl_cli.core.prompts import sample_prompts
+from icl_cli.core.sites import HookedModel, Site, add_at
+from icl_cli.core.steering import BaseCache, scores, steered_logits
+from icl_cli.core.tasks import Task
+from icl_cli.errors import IclError
+
+FORMAT_VERSION = 1
+MODES = ("executor", "detector", "negative")
+DEFAULT_SCALE = {"executor": 15.0, "detector": 25.0}
+"""Paper: executors s = 15 at layer l, detectors s = 25 at layer l − 1."""
+NEGATIVE_SCALES = tuple(round(10 ** (k / 4), 4) for k in range(7))
+"""1, 1.78, 3.16, 5.62, 10, 17.8, 31.6: the paper's logspace from 1 to 31.6."""
+
+
+@dataclass
+class SteerParams:
+    mode: str = "executor"
+    """executor | detector | negative."""
+    scale: float | None = None
+    """s of the heatmap (default per mode: 15 executor, 25 detector)."""
+    scales: tuple[float, ...] = NEGATIVE_SCALES
+    """Negative mode: the scales swept."""
+    n_prompts: int = 32
+    """Held-out prompts per task (paper: 32)."""
+    min_effect: float = 0.2
+    """Executor rule: at least this relative loss decrease on the feature's own task."""
+    max_other: float = 0.5
+    """Executor rule: on every other task at most this fraction of its own-task effect."""
+    batch_size: int = 256
+    """Prompt rows per batched pass (features × prompts); speed only."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise IclError(f"unknown --mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.scale is not None and not math.isfinite(self.scale):
+            raise IclError(f"--scale must be a finite number, got {self.scale}")
+        if self.scale is None and self.mode != "negative":
+            self.scale = DEFAULT_SCALE[self.mode]
+        if not self.scales or not all(math.isfinite(s) for s in self.scales):
+            raise IclError(f"--scales must be finite numbers, got {','.join(map(str, self.scales)) or 'nothing'}")
+        if not (math.isfinite(self.min_effect) and math.isfinite(self.max_other)) or self.max_other < 0:
+            raise IclError("--min-effect must be a finite number and --max-other a finite number ≥ 0")
+        if self.n_prompts < 1 or self.batch_size < 1:
+            raise IclError("--n-prompts and --batch-size must be ≥ 1")
+
+
+class PromptSource(NamedTuple):
+    """How the collect step split and sampled a task (so held-out prompts match collect and clean)."""
+
+    n_eval: int
+    seed: int
+    template: str = "paper"
+    n_first: int = 2
+    n_shot: int = 19
+
+    @classmethod
+    def from_collect(cls, cp: dict) -> "PromptSource":
+        return cls(cp["n_eval"], cp["seed"], cp["template"], cp["n_first"], cp["n_shot"])
+
+
+class Cells(NamedTuple):
+    """One task's row: nll and acc per edit ([K]) and unsteered."""
+
+    nll: Tensor
+    acc: Tensor
+    base_nll: float
+    base_acc: float
+
+
+@dataclass
+class SteerResult:
+    mode: str
+    layer: int
+    model: str
+    tasks: list[str]
+    features: list[int]
+    nll: Tensor  # [T, F] (executor/detector) or [T, S] (negative)
+    acc: Tensor  # same shape
+    base_nll: Tensor  # [T]
+    base_acc: Tensor  # [T]
+    kept: dict[str, list[int]] = field(default_factory=dict)
+    selected: dict[str, list[int]] = field(default_factory=dict)
+    scale: float = float("nan")
+    effect: Tensor | None = None  # [T, F]
+    scales: Tensor | None = None  # [S]
+    min_effect: float = float("nan")
+    max_other: float = float("nan")
+
+
+# ---------------------------------------------------------------- directions and batched passes
+
+def unit_directions(sae, features: Sequence[int]) -> Tensor:
+    """[F, D] rows u_f = W_dec[f] / ‖W_dec[f]‖; IclError for an id outside the SAE."""
+    width = sae.cfg.d_sae
+    bad = [f for f in features if not 0 <= int(f) < width]
+    if bad:
+        raise IclError(f"feature id {bad[0]} is beyond the SAE's width ({width} features, ids 0-{width - 1}); "
+                       f"pass ids below {width}")
+    w = sae.W_dec.detach()[torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)].float()
+    norm = w.norm(dim=-1, keepdim=True)
+    if (norm == 0).any():
+        dead = [int(f) for f, n in zip(features, norm.flatten()) if n == 0]
+        raise IclError(f"feature {dead[0]} has a zero decoder direction, so it cannot steer; leave it out")
+    return w / norm
+
+
+def repeat_batch(batch: PromptBatch, c: int) -> PromptBatch:
+    """The batch stacked c times along the batch axis (row k·B + b = prompt b)."""
+    return PromptBatch(**{f.name: getattr(batch, f.name).repeat(c, *[1] * (getattr(batch, f.name).dim() - 1))
+                          for f in fields(batch)})
+
+
+@torch.no_grad()
+def batched_scores(hm: HookedModel, cache: BaseCache, layer: int, vectors: Tensor, mask: Tensor,
+                   batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """nll and acc ([K] each, means over the B cached prompts) with vectors[k] ([K, D]) added to
+    resid_pre[layer] at ``mask`` ([B, P] bool), K edits in passes of ⌊batch_size / B⌋ of them."""
+    B = len(cache.batch)
+    per = max(1, batch_size // B)
+    nlls, accs = [], []
+    for i in range(0, len(vectors), per):
+        v = vectors[i : i + per]
+        c = len(v)
+        big = repeat_batch(cache.batch, c)
+        rows = v.repeat_interleave(B, dim=0)  # [c·B, D]: row k·B + b gets edit k
+        edit = {Site("resid_pre", layer): add_at(rows, mask.repeat(c, 1))}
+        logits = hm.run(big.input_ids, big.attention_mask, edit=edit, start_at=layer,
+                        start_resid=cache.resid[layer].repeat(c, 1, 1)).logits
+        nlls.append(nll_per_prompt(logits, big).view(c, B).mean(1).float().cpu())
+        accs.append(correct(logits, big).float().view(c, B).mean(1).cpu())
+    return torch.cat(nlls), torch.cat(accs)
+
+
+# ---------------------------------------------------------------- one task
+
+def heatmap_prompts(task: Task, n_prompts: int, src: PromptSource, detectors: bool):
+    """Held-out 0-shot prompts (with the dummy example for detectors): clean's held-out prompts."""
+    _, heldout = task_split(task, src.n_eval, src.seed)
+    return heldout_prompts(task.pairs, heldout, n_prompts, src.seed + 1, detectors, src.template, task.name)
+
+
+def negative_prompts(task: Task, n_prompts: int, src: PromptSource):
+    """Held-out few-shot prompts, sampled like collect's few-shot evaluation."""
+    _, heldout = task_split(task, src.n_eval, src.seed)
+    return sample_prompts(task.pairs, n_prompts, src.n_shot, src.seed + 2, src.template, queries=heldout,
+                          task_name=task.name)
+
+
+@torch.no_grad()
+def heatmap_task(hm: HookedModel, tokenizer, task: Task, layer: int, directions: Tensor, p: SteerParams,
+                 src: PromptSource, device=None) -> Cells:
+    """One task's row of the executor (or detector) heatmap: nll/acc per feature direction [F, D]."""
+    detectors = p.mode == "detector"
+    cache = BaseCache.build(hm, tokenizer, heatmap_prompts(task, p.n_prompts, src, detectors), [layer], src.n_first, device)
+    base = scores(steered_logits(hm, cache, layer, None), cache.batch)
+    nll, acc = batched_scores(hm, cache, layer, p.scale * directions, steer_mask(cache.batch, detectors), p.batch_size)
+    return Cells(nll, acc, base.nll, base.acc)
+
+
+@torch.no_grad()
+def negative_task(hm: HookedModel, tokenizer, task: Task, layer: int, direction: Tensor | None, p: SteerParams,
+                  src: PromptSource, device=None) -> Cells:
+    """nll/acc per scale with −s·direction ([D], unit; None: nothing subtracted) at every arrow."""
+    cache = BaseCache.build(hm, tokenizer, negative_prompts(task, p.n_prompts, src), [layer], src.n_first, device)
+    base = scores(steered_logits(hm, cache, layer, None), cache.batch)
+    if direction is None:
+        S = len(p.scales)
+        return Cells(torch.full((S,), base.nll), torch.full((S,), base.acc), base.nll, base.acc)
+    scales = torch.tensor(p.scales, dtype=direction.dtype, device=direction.device)
+    vectors = -scales[:, None] * direction[None, :]
+    nll, acc = batched_scores(hm, cache, layer, vectors, cache.batch.role_mask("arrow"), p.batch_size)
+    return Cells(nll, acc, base.nll, base.acc)
+
+
+def task_direction(directions: Tensor) -> Tensor | None:
+    """d_t = Σ u_f / ‖Σ u_f‖ over the rows of ``directions`` [n, D]; None for n = 0."""
+    if len(directions) == 0:
+        return None
+    total = directions.sum(0)
+    n = total.norm()
+    if n == 0:
+        raise IclError("the task's feature directions sum to zero; pick other features for negative steering")
+    return total / n
+
+
+# ---------------------------------------------------------------- the rule and the summary figures
+
+def relative_effect(nll: Tensor, base_nll: Tensor) -> Tensor:
+    """[T, F] (base − min(nll, base)) / base (SPEC §6); 0 where base is 0."""
+    base = base_nll[:, None].float()
+    dec = base - torch.minimum(nll.float(), base)
+    return torch.where(base > 0, dec / base.clamp(min=1e-12), torch.zeros_like(dec))
+
+
+def select_executors(effect: Tensor, tasks: Sequence[str], features: Sequence[int], min_effect: float,
+                     max_other: float) -> dict[str, list[int]]:
+    """Per task, the features f with effect[t, f] ≥ min_effect and effect[t', f] ≤ max_other·effect[t, f]
+    for every other task t' (rule 4 of the module docstring), by decreasing effect on t."""
+    out = {}
+    for i, t in enumerate(tasks):
+        own = effect[i]
+        others = torch.cat([effect[:i], effect[i + 1 :]])
+        worst = others.max(0).values if len(others) else torch.zeros_like(own)
+        ok = (own >= min_effect) & (own > 0) & (worst <= max_other * own)
+        idx = torch.nonzero(ok).flatten()
+        idx = idx[torch.argsort(own[idx], descending=True)]
+        out[t] = [int(features[j]) for j in idx]
+    return out
+
+
+class Specificity(NamedTuple):
+    share: float
+    """Share of tasks whose best feature lowers that task's loss more than any other task's."""
+    best: list[int]
+    """Per task, the index (into features) of the feature with the largest effect on it."""
+    specific: list[bool]
+
+
+def specificity(effect: Tensor) -> Specificity:
+    """Executor specificity of an effect matrix [T, F] (T ≥ 2): a task's best executor is its row's
+    argmax; the task counts when that feature's effect on it is > 0 and strictly larger than on
+    every other task."""
+    T = effect.shape[0]
+    best = effect.argmax(1)
+    spec = []
+    for i in range(T):
+        col = effect[:, best[i]]
+        others = torch.cat([col[:i], col[i + 1 :]])
+        spec.append(bool(col[i] > 0 and (len(others) == 0 or col[i] > others.max())))
+    return Specificity(sum(spec) / max(T, 1), best.tolist(), spec)
+
+
+def normalise_rows(effect: Tensor, floor: float = 0.2) -> Tensor:
+    """Each row divided by its max, cells under ``floor`` set to 0 (the paper's display)."""
+    m = effect.max(1, keepdim=True).values
+    out = torch.where(m > 0, effect / m.clamp(min=1e-12), torch.zeros_like(effect))
+    return torch.where(out < floor, torch.zeros_like(out), out)
+
+
+# ---------------------------------------------------------------- running every task
+
+def run_steer(hm: HookedModel, tokenizer, tasks: Sequence[Task], layer: int, sae, p: SteerParams,
+              src: PromptSource, features: Sequence[int], kept: dict[str, list[int]],
+              task_features: dict[str, list[int]] | None = None, model: str = "",
+              progress: Callable[[str], None] | None = None, work_dir=None, device=None) -> SteerResult:
+    """Every task in turn. Heatmap modes steer each of ``features``; negative mode subtracts the
+    direction of ``task_features[t]``. With ``work_dir`` finished tasks are kept and skipped on a rerun."""
+    negative = p.mode == "negative"
+    dirs = unit_directions(sae, features) if features else torch.zeros(0, sae.cfg.d_out)
+    pos = {f: i for i, f in enumerate(features)}
+    rows = []
+    for i, task in enumerate(tasks):
+        if progress:
+            progress(task.name)
+        part = work_dir / f"task{i}.json" if work_dir is not None else None
+        done = _load_cells(part)
+        if done is None:
+            if negative:
+                own = dirs[[pos[f] for f in task_features[task.name]]]
+                done = negative_task(hm, tokenizer, task, layer, task_direction(own), p, src, device)
+            else:
+                done = heatmap_task(hm, tokenizer, task, layer, dirs, p, src, device)
+            _save_cells(done, part)
+        rows.append(done)
+    names = [t.name for t in tasks]
+    nll = torch.stack([r.nll for r in rows]) if rows else torch.zeros(0, 0)
+    res = SteerResult(p.mode, layer, model, names, list(features), nll, torch.stack([r.acc for r in rows]),
+                      torch.tensor([r.base_nll for r in rows]), torch.tensor([r.base_acc for r in rows]),
+                      kept={t: list(kept.get(t, [])) for t in names}, min_effect=p.min_effect, max_other=p.max_other)
+    if negative:
+        res.scales = torch.tensor(p.scales, dtype=torch.float32)
+        res.selected = {t: list(task_features[t]) for t in names}
+    else:
+        res.scale = p.scale
+        res.effect = relative_effect(res.nll, res.base_nll)
+        res.selected = select_executors(res.effect, names, features, p.min_effect, p.max_other)
+    return res
+
+
+def _save_cells(c: Cells, path) -> None:
+    if path is None:
+        return
+    import os
+
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"nll": c.nll.tolist(), "acc": c.acc.tolist(), "base_nll": c.base_nll, "base_acc": c.base_acc}, fh)
+    os.replace(tmp, path)
+
+
+def _load_cells(path) -> Cells | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        return Cells(torch.tensor(d["nll"]), torch.tensor(d["acc"]), float(d["base_nll"]), float(d["base_acc"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------- HDF5
+
+def write_h5(f, r: SteerResult) -> None:
+    """The layout of the module docstring."""
+    import h5py
+
+    f.attrs["mode"] = r.mode
+    f.attrs["layer"] = r.layer
+    f.attrs["model"] = r.model
+    f.attrs["min_effect"] = r.min_effect
+    f.attrs["max_other"] = r.max_other
+    if r.mode != "negative":
+        f.attrs["scale"] = r.scale
+    f.create_dataset("tasks", data=r.tasks, dtype=h5py.string_dtype("utf-8"))
+    f.create_dataset("features", data=torch.tensor(r.features, dtype=torch.long).numpy().reshape(-1))
+    for name in ("nll", "acc", "base_nll", "base_acc", "effect", "scales"):
+        v = getattr(r, name)
+        if v is not None:
+            f.create_dataset(name, data=v.float().numpy())
+    for group, d in (("kept", r.kept), ("selected", r.selected)):
+        g = f.create_group(group)
+        for t, ids in d.items():
+            g.create_dataset(t, data=torch.tensor(ids, dtype=torch.long).numpy().reshape(-1))
+
+
+def read_h5(path) -> SteerResult:
+    """A steer artifact's ``steer.h5`` back as a SteerResult (IclError when it is not one)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            get = lambda k: torch.from_numpy(f[k][()]) if k in f else None  # noqa: E731
+            a = f.attrs
+            return SteerResult(
+                mode=str(a["mode"]), layer=int(a["layer"]), model=str(a.get("model", "")),
+                tasks=[t.decode() if isinstance(t, bytes) else str(t) for t in f["tasks"][()]],
+                features=[int(x) for x in f["features"][()]],
+                nll=get("nll"), acc=get("acc"), base_nll=get("base_nll"), base_acc=get("base_acc"),
+                kept={t: [int(x) for x in v[()]] for t, v in f["kept"].items()},
+                selected={t: [int(x) for x in v[()]] for t, v in f["selected"].items()},
+                scale=float(a.get("scale", float("nan"))), effect=get("effect"), scales=get("scales"),
+                min_effect=float(a.get("min_effect", float("nan"))), max_other=float(a.get("max_other", float("nan"))))
+    except (OSError, KeyError) as exc:
+        raise IclError(f"{path} is not a readable steer artifact ({exc}); run `icl store verify`") from None
+
+
+def summary_json(key: str, r: SteerResult, normalise: bool = False) -> dict:
+    """The --json document: key, tasks, features, effect, executors (or detectors), and the rest."""
+    out = {"key": key, "mode": r.mode, "layer": r.layer, "model": r.model, "tasks": r.tasks}
+    if r.mode == "negative":
+        out.update(scales=r.scales.tolist(), nll=r.nll.tolist(), acc=r.acc.tolist(), base_nll=r.base_nll.tolist(),
+                   base_acc=r.base_acc.tolist(), features=r.features, selected=r.selected, kept=r.kept)
+        return out
+    out.update(scale=r.scale, features=r.features, effect=r.effect.tolist())
+    out["detectors" if r.mode == "detector" else "executors"] = r.selected
+    out.update(nll=r.nll.tolist(), acc=r.acc.tolist(), base_nll=r.base_nll.tolist(), base_acc=r.base_acc.tolist(),
+               kept=r.kept, rule={"min_effect": r.min_effect, "max_other": r.max_other})
+    if normalise:
+        out["effect_normalised"] = normalise_rows(r.effect).tolist()
+    if len(r.tasks) >= 2 and r.features:
+        s = specificity(r.effect)
+        out["specificity"] = {"share": s.share, "best": {t: r.features[b] for t, b in zip(r.tasks, s.best)},
+                              "specific": dict(zip(r.tasks, s.specific))}
+    return out
