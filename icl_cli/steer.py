@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -174,11 +174,31 @@ def batched_scores(hm: HookedModel, cache: BaseCache, layer: int, vectors: Tenso
         big = repeat_batch(cache.batch, c)
         rows = v.repeat_interleave(B, dim=0)  # [c·B, D]: row k·B + b gets edit k
         edit = {Site("resid_pre", layer): add_at(rows, mask.repeat(c, 1))}
-        logits = hm.run(big.input_ids, big.attention_mask, edit=edit, start_at=layer,
-                        start_resid=cache.resid[layer].repeat(c, 1, 1)).logits
-        nlls.append(nll_per_prompt(logits, big).view(c, B).mean(1).float().cpu())
-        accs.append(correct(logits, big).float().view(c, B).mean(1).cpu())
+        last = Site("resid_post", hm.n_layers - 1)
+        out = hm.run(big.input_ids, big.attention_mask, read=[last], edit=edit, stop_after=last.layer, start_at=layer,
+                     start_resid=cache.resid[layer].repeat(c, 1, 1))
+        # logits only where answers are predicted: the unembedding of every position dominates
+        # the cost of a pass on small models and its memory on large vocabularies
+        logits = answer_logits(hm, out.acts[last], big.answer_pos)  # [c·B, n_first, V]
+        at = torch.arange(big.answer_pos.shape[1], device=big.answer_pos.device).expand_as(big.answer_pos)
+        small = replace(big, answer_pos=torch.where(big.answer_pos >= 0, at, big.answer_pos))
+        nlls.append(nll_per_prompt(logits, small).view(c, B).mean(1).float().cpu())
+        accs.append(correct(logits, small).float().view(c, B).mean(1).cpu())
     return torch.cat(nlls), torch.cat(accs)
+
+
+def answer_logits(hm: HookedModel, resid: Tensor, pos: Tensor) -> Tensor:
+    """[R, J, V] logits at positions ``pos`` [R, J] (entries < 0 read position 0) from the last
+    block's output ``resid`` [R, P, D]: the model's final norm, unembedding and (Gemma-2) final
+    soft-capping, applied to those positions only. Both are per-position maps, so this equals the
+    full logits at those positions."""
+    rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
+    h = resid[rows, pos.clamp(min=0).to(resid.device)]
+    logits = hm.model.get_output_embeddings()(hm._loc.final_norm(h))
+    cap = getattr(hm.model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 # ---------------------------------------------------------------- one task

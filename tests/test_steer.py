@@ -191,3 +191,25 @@ def test_run_steer_resumes_and_the_artifact_round_trips(tiny_lm, sae, tmp_path):
     with pytest.raises(IclError, match="not a readable steer artifact"):
         (tmp_path / "bad.h5").write_text("nope")
         read_h5(tmp_path / "bad.h5")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "llama", "mistral", "qwen2", "phi3", "gpt2"])
+def test_answer_logits_equal_the_models_own_logits(family):
+    from icl_cli.core.sites import Site
+    from icl_cli.steer import answer_logits
+    from tests.core.tiny_models import tiny_model
+
+    model = tiny_model(family)
+    if family == "gemma2":
+        model.config.final_logit_softcapping = 3.0  # small, so the capping really bends the logits
+    hm = HookedModel(model)
+    ids = torch.randint(3, 97, (3, 9), generator=torch.Generator().manual_seed(0))
+    last = Site("resid_post", hm.n_layers - 1)
+    full = model(input_ids=ids).logits
+    resid = hm.run(ids, read=[last], stop_after=last.layer).acts[last]
+    pos = torch.tensor([[2, 5], [8, -1], [0, 7]])
+    got = answer_logits(hm, resid, pos)
+    for b in range(3):
+        for j in range(2):
+            p = max(int(pos[b, j]), 0)
+            torch.testing.assert_close(got[b, j], full[b, p], rtol=1e-5, atol=1e-5)
