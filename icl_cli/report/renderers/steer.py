@@ -1,0 +1,126 @@
+"""steer: the executor / detector steering heatmaps and negative steering (SPEC §6).
+
+Figures: the heatmap of relative loss decrease (task × feature), raw and row-normalised (each
+row divided by its max, cells < 0.2 set to 0, the paper's display), features grouped by the
+task they help most and each task's executors (detectors) outlined; for negative steering, the
+accuracy and loss of each task against the subtracted scale.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from icl_cli.report.base import Figure, Renderer, Section, register
+
+MAX_COLUMNS = 60
+"""At most this many feature columns in a figure (the ones with the largest effects)."""
+
+
+@register("steer")
+class SteerRenderer(Renderer):
+    def build(self, art, out: Path | None) -> Section:
+        from icl_cli.steer import read_h5, summary_json
+
+        r = read_h5(art.file("steer.h5"))
+        data = summary_json(art.key, r)
+        if r.mode == "negative":
+            return self._negative(art, r, data, out)
+        what = "detectors" if r.mode == "detector" else "executors"
+        summary = {k: data[k] for k in ("mode", "layer", "scale", "tasks", "features") if k in data}
+        summary[what] = r.selected
+        if "specificity" in data:
+            summary["specificity"] = data["specificity"]
+        sec = Section(art.key, art.step, f"{r.mode.capitalize()} steering heatmap at resid_pre[{r.layer}]", summary)
+        n_sel = sum(1 for t in r.tasks if r.selected.get(t))
+        spec = data.get("specificity")
+        if spec:
+            n_spec = sum(spec["specific"].values())
+            sec.notes.append(f"{len(r.features)} features × {len(r.tasks)} tasks at scale {r.scale:g}. Specificity: for {n_spec} of "
+                             f"{len(r.tasks)} tasks the task's best feature lowers its loss more than any other task's; "
+                             f"{n_sel} tasks have {what} by the rule (effect ≥ {r.min_effect:g}, ≤ {r.max_other:g}× elsewhere).")
+            summary["headline"] = [{
+                "finding": f"{'Detector' if r.mode == 'detector' else 'Executor'} specificity (steering, layer {r.layer})",
+                "ours": f"{n_spec}/{len(r.tasks)} tasks' best feature helps that task most; {n_sel}/{len(r.tasks)} tasks have {what} "
+                        f"(mean best effect {float(r.effect.max(1).values.mean()):.2f})",
+                "paper": "executors are task-specific: the row-normalised heatmap is close to diagonal (qualitative, Fig. 4)"
+                         if r.mode == "executor" else "steering with a detector at its output token (layer 11, s = 25) "
+                                                      "triggers its task in a 0-shot prompt (qualitative)"}]
+        from icl_cli.steer_view import heatmap_tables
+
+        sec.terminal += heatmap_tables(r, art.key, normalise=True)
+        if out is not None and r.features and len(r.tasks):
+            sec.figures.append(self._heatmap(art, r, out, normalise=False))
+            sec.figures.append(self._heatmap(art, r, out, normalise=True))
+        return sec
+
+    @staticmethod
+    def _heatmap(art, r, out: Path, normalise: bool) -> Figure:
+        from matplotlib.patches import Rectangle
+
+        from icl_cli.report.figures import heatmap, plt, save, task_label
+        from icl_cli.steer import normalise_rows
+        from icl_cli.steer_view import column_order
+
+        p = plt()
+        cols = column_order(r.effect, MAX_COLUMNS)
+        values = (normalise_rows(r.effect) if normalise else r.effect)[:, cols].numpy()
+        feats = [str(r.features[j]) for j in cols]
+        rows = [task_label(t) for t in r.tasks]
+        width = 2.2 + 0.075 * max(len(s) for s in rows) + 0.2 * len(cols) + 1.0
+        fig, ax = p.subplots(figsize=(max(width, 6), 1.4 + 0.3 * len(rows)))
+        label = "row-normalised effect (cells < 0.2 → 0)" if normalise else "relative loss decrease (base − nll) / base"
+        heatmap(ax, values, rows, feats, cmap="magma", vmin=0, vmax=1, cbar=label, annotate=len(cols) <= 14 and len(rows) <= 24,
+                xrotation=90)
+        ax.tick_params(axis="x", labelsize=7 if len(cols) > 30 else 8)
+        for i, t in enumerate(r.tasks):  # outline the task's executors / detectors
+            own = set(r.selected.get(t, []))
+            for k, j in enumerate(cols):
+                if r.features[j] in own:
+                    ax.add_patch(Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:cyan", lw=1.4))
+        shown = f"{len(cols)} of {len(r.features)} features" if len(cols) < len(r.features) else f"{len(cols)} features"
+        where = "the dummy example's output token" if r.mode == "detector" else "the arrow"
+        ax.set_xlabel(f"SAE feature id ({shown}, grouped by the task each helps most)")
+        ax.set_title(f"{r.mode.capitalize()} steering: {r.scale:g}·u_f added at {where}, resid_pre[{r.layer}]"
+                     + (" — rows normalised" if normalise else ""))
+        stem = f"steer-{art.key[:8]}-{r.mode}{'-normalised' if normalise else ''}"
+        files = save(fig, out, stem)
+        what = "detectors" if r.mode == "detector" else "executors"
+        return Figure(f"{r.mode.capitalize()} heatmap{' (row-normalised)' if normalise else ''}",
+                      f"Relative loss decrease of each task's 0-shot prompts when one feature's decoder direction is added "
+                      f"(SPEC §6){'; each row divided by its max, cells under 0.2 set to 0' if normalise else ''}. "
+                      f"Outlined: the task's {what}.", files)
+
+    def _negative(self, art, r, data, out: Path | None) -> Section:
+        from icl_cli.steer_view import negative_table
+
+        summary = {k: data[k] for k in ("mode", "layer", "tasks", "scales", "base_acc", "acc", "base_nll", "nll")}
+        sec = Section(art.key, art.step, f"Negative steering at resid_pre[{r.layer}]", summary)
+        acc = r.acc.numpy()
+        sec.notes.append(f"Mean accuracy of few-shot prompts {float(r.base_acc.mean()):.2f} unsteered → "
+                         f"{float(acc[:, -1].mean()):.2f} with the task direction subtracted at scale {float(r.scales[-1]):g}.")
+        sec.terminal.append(negative_table(r, art.key))
+        if out is not None:
+            from icl_cli.report.figures import plt, save
+
+            p = plt()
+            fig, axes = p.subplots(1, 2, figsize=(10, 3.8))
+            s = np.concatenate([[0.0], r.scales.numpy()])
+            for ax, m, base, unit in ((axes[0], r.acc.numpy(), r.base_acc.numpy(), "first-token accuracy"),
+                                      (axes[1], r.nll.numpy(), r.base_nll.numpy(), "nll of the answer (nats)")):
+                full = np.concatenate([base[:, None], m], 1)
+                for row in full:
+                    ax.plot(s[1:], row[1:], color="tab:blue", alpha=0.2, lw=0.8)
+                ax.plot(s[1:], full[:, 1:].mean(0), color="tab:blue", lw=2.2, marker="o", label="mean over tasks")
+                ax.axhline(full[:, 0].mean(), color="tab:green", ls=":", label="unsteered")
+                ax.set_xscale("log")
+                ax.set_xlabel("scale s of the subtracted task direction")
+                ax.set_ylabel(unit)
+            axes[0].legend()
+            fig.suptitle(f"Negative steering: −s·d_task at every arrow of few-shot prompts, resid_pre[{r.layer}] (thin: each task)")
+            fig.tight_layout()
+            files = save(fig, out, f"steer-{art.key[:8]}-negative")
+            sec.figures.append(Figure("Negative steering", "Few-shot accuracy and loss as the task's direction is subtracted "
+                                      "at every arrow with growing scale (SPEC §6).", files))
+        return sec
