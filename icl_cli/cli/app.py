@@ -3,6 +3,7 @@
     icl --help
     icl store ls
     icl --json tasks ls
+    icl tasks ls --json                 # global options may also follow the subcommand
 
 Heavy libraries (torch, transformers, sae_lens) are imported only inside the commands that need
 them, so ``icl --help`` stays fast.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer import _click as click  # typer vendors click; its exceptions are these
 from typer.core import TyperGroup
 
 from icl_cli import __version__
@@ -25,7 +27,19 @@ from icl_cli.errors import IclError
 
 
 class _Boundary(TyperGroup):
-    """Root group that turns domain errors into one line on stderr and an exit code."""
+    """Root group that turns domain errors into one line on stderr and an exit code, and accepts
+    global options after the subcommand too (argv.py)."""
+
+    def parse_args(self, ctx, args):  # noqa: D401 - click API
+        from icl_cli.cli.argv import hoist_globals
+
+        return super().parse_args(ctx, hoist_globals(self, ctx, list(args)))
+
+    def make_context(self, info_name, args, parent=None, **extra):  # noqa: D401 - click API
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.exceptions.ClickException as exc:
+            _usage(exc)
 
     def invoke(self, ctx):  # noqa: D401 - click API
         try:
@@ -35,14 +49,23 @@ class _Boundary(TyperGroup):
         except KeyboardInterrupt:
             stderr_console().print("interrupted; nothing partial was written to the store", style="red")
             ctx.exit(130)
-        except (typer.Exit, typer.Abort, SystemExit, typer.TyperException):
-            raise  # TyperException: typer's vendored click usage errors (exit 2)
+        except click.exceptions.ClickException as exc:  # usage errors of a subcommand (exit 2)
+            _usage(exc)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
         except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless -v
-            import click
-
-            if isinstance(exc, click.exceptions.ClickException):
-                raise
             _report(ctx, exc, 1, internal=True)
+
+
+def _usage(exc: "click.exceptions.ClickException") -> None:
+    """A usage error as one line on stderr (not click's usage box), then exit with its code (2)."""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):
+        raise exc  # `icl` or `icl store` alone: click prints the help
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    stderr_console().print(f"error: {message}{hint}", style="red", markup=False, highlight=False)
+    raise typer.Exit(exc.exit_code)
 
 
 def _report(ctx, exc: BaseException, code: int, internal: bool = False) -> None:

@@ -4,6 +4,7 @@ on stderr, and the artifact summary line."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 from icl_cli.cli.context import Globals, log, stderr_console
@@ -25,13 +26,52 @@ def load_lm(gl: Globals, model: str):
                       trust_remote_code=gl.trust_remote_code)
 
 
+PLAIN_EVERY_S = 10.0
+"""On a stderr that is not a terminal, a progress line at most this often (and the last one)."""
+
+
+class PlainProgress:
+    """Progress for a stderr that is a file or a pipe (logs, CI): plain lines instead of a live bar,
+    the first update, then at most one every ``PLAIN_EVERY_S`` seconds, and the last."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+        self.start = self.last = time.perf_counter()
+        self.printed = False
+
+    def update(self, done: int, label: str = "", info: str = "") -> None:
+        now = time.perf_counter()
+        if self.printed and done < self.total and now - self.last < PLAIN_EVERY_S:
+            return
+        self.printed, self.last = True, now
+        parts = [self.what, label, f"{done}/{self.total}", info, f"({now - self.start:.0f} s)"]
+        stderr_console().print("  ".join(p for p in parts if p), markup=False, highlight=False)
+
+
+def live_progress() -> bool:
+    """Whether progress may draw live bars (stderr is a terminal) or must print plain lines."""
+    return stderr_console().is_terminal
+
+
 @contextlib.contextmanager
 def task_progress(gl: Globals, total: int, what: str) -> Iterator:
-    """A progress bar on stderr; yields ``advance(label)``."""
+    """Progress on stderr (whatever -q and --json say: they change stdout only); yields
+    ``advance(label)``. A live bar on a terminal, plain lines otherwise (see PlainProgress)."""
+    if not live_progress():
+        plain, done = PlainProgress(what, total), 0
+
+        def advance_plain(label: str) -> None:
+            nonlocal done
+            if not label.startswith("…"):
+                done += 1
+                plain.update(done, label)
+
+        yield advance_plain
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn(f"{what} [bold]{{task.fields[label]}}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=stderr_console(), disable=gl.quiet, transient=False) as bar:
+                  TimeElapsedColumn(), console=stderr_console(), transient=False) as bar:
         task = bar.add_task(what, total=total, label="")
 
         def advance(label: str) -> None:

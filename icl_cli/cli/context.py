@@ -2,7 +2,9 @@
 
 stdout carries only the result: a rich table for people, exactly one JSON document with
 ``--json``, only the artifact key(s) with ``-q``. Everything else (progress, logs, hints) goes to
-stderr through :func:`log`.
+stderr through :func:`log` and ``common.task_progress``, whatever ``-q``/``--json`` say: they
+change stdout only. On a terminal progress is a live bar; when stderr is a file or a pipe it is a
+plain line every few seconds (``common.PlainProgress``).
 """
 
 from __future__ import annotations
@@ -60,9 +62,8 @@ def g(ctx: typer.Context) -> Globals:
 
 
 def log(message: str, *, ctx_globals: Globals | None = None, style: str | None = "dim") -> None:
-    """A progress or info line on stderr (silenced by -q)."""
-    if ctx_globals is not None and ctx_globals.quiet:
-        return
+    """A progress or info line on stderr. -q and --json change stdout only, so they do not silence
+    it (``ctx_globals`` is accepted for callers that pass it); ``2>/dev/null`` does."""
     _err.print(message, style=style, markup=False)
 
 

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             raise IclError("give at least one --layer")
         with _progress_bar(gl) as progress:
             results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
-                                          progress=progress, log=lambda m: None if gl.quiet else stderr_console().print(m, style="dim", markup=False))
+                                          progress=progress, log=lambda m: stderr_console().print(m, style="dim", markup=False))
 
         def row(r):
             m = r.metrics
@@ -88,15 +88,23 @@ def register(app: typer.Typer) -> None:
 
 
 class _progress_bar:
-    """A rich progress bar on stderr showing tokens/s, L0 and FVU; a no-op under -q or --json."""
+    """Progress on stderr showing tokens/s, L0 and FVU (also under -q and --json: they change
+    stdout only): a live bar on a terminal, plain lines otherwise."""
 
     def __init__(self, gl):
-        self.enabled = not gl.quiet
         self.bar = None
+        self.plain = None
 
     def __enter__(self):
-        if not self.enabled:
-            return None
+        from icl_cli.cli.common import PlainProgress, live_progress
+
+        if not live_progress():
+            def plain(info: dict) -> None:
+                if self.plain is None:
+                    self.plain = PlainProgress("train-sae", info["total_steps"])
+                self.plain.update(info["step"], "steps", _info_text(info))
+
+            return plain
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("train-sae"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
@@ -109,10 +117,13 @@ class _progress_bar:
     def update(self, info: dict) -> None:
         if self.task is None:
             self.task = self.bar.add_task("train", total=info["total_steps"], info="")
-        text = f"{info['tokens_per_s']:,.0f} tok/s  L0 {info['l0']:.1f}  FVU {info['fvu']:.3f}"
-        self.bar.update(self.task, completed=info["step"], info=text)
+        self.bar.update(self.task, completed=info["step"], info=_info_text(info))
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.stop()
         return False
+
+
+def _info_text(info: dict) -> str:
+    return f"{info['tokens_per_s']:,.0f} tok/s  L0 {info['l0']:.1f}  FVU {info['fvu']:.3f}"

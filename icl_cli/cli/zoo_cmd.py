@@ -51,7 +51,7 @@ def train_cmd(
         cfg.threads = threads
     out_dir = out or TOY_DIR
     with Progress(TextColumn("training toy-icl"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-                  TimeRemainingColumn(), console=stderr_console(), disable=gl.quiet) as bar:
+                  TimeRemainingColumn(), console=stderr_console()) as bar:  # -q changes stdout only
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
         meta = train(cfg, out_dir, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss), resume=resume)
     if evaluate_after:

@@ -25,7 +25,7 @@ from icl_cli.errors import IclError
 
 TOY_DIR = Path(__file__).parent.parent / "zoo" / "toy-icl"
 
-_LOGIN = "log in with `huggingface-cli login` or set HF_TOKEN"
+_LOGIN = "log in with `hf auth login` or set HF_TOKEN"
 
 
 class Preset(NamedTuple):
@@ -189,7 +189,7 @@ def hub_error_message(name: str, hf_id: str, exc: BaseException) -> str:
         return f"the Hub refused access to {hf_id} (HTTP {status}); {_LOGIN}"
     if has(hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError) or "couldn't connect" in text:
         return (f"cannot download {hf_id}: no network (or HF_HUB_OFFLINE is set) and it is not in the local cache; "
-                f"download it elsewhere (`huggingface-cli download {hf_id} --local-dir DIR`) and pass that folder")
+                f"download it elsewhere (`hf download {hf_id} --local-dir DIR`) and pass that folder")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"could not load {name}: {first}"
 

@@ -87,7 +87,12 @@ def load_task_file(path: str | Path, name: str | None = None, group: str | None 
     path = Path(path)
     if not path.is_file():
         raise IclError(f"task file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise IclError(f"{path}: not UTF-8 text (bad byte at offset {exc.start}); save the task file as UTF-8") from None
+    except OSError as exc:
+        raise IclError(f"cannot read task file {path}: {exc.strerror}") from None
     if not text.strip():
         raise IclError(f"{path}: the file is empty")
     try:

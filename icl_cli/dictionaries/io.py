@@ -117,6 +117,7 @@ def save_saelens(d: Dictionary, folder: Path | str, sparsity: Tensor | None = No
 # ---- reading ------------------------------------------------------------------------------
 def from_saelens(cfg: dict[str, Any], state: dict[str, Tensor], **overrides) -> Dictionary:
     """Our dictionary from a SAELens config dict and state dict (weights in model space)."""
+    _check_sizes(cfg)
     arch_sl = cfg.get("architecture", "standard")
     if arch_sl not in _FROM_SAELENS:
         raise IclError(f"SAELens architecture {arch_sl!r} is not supported; supported: {', '.join(_FROM_SAELENS)}")
@@ -156,6 +157,19 @@ def from_saelens(cfg: dict[str, Any], state: dict[str, Tensor], **overrides) -> 
     return d
 
 
+def _check_sizes(cfg: Any) -> None:
+    """The config fields every SAE needs, as one-line errors (not a KeyError deep inside)."""
+    if not isinstance(cfg, dict):
+        raise IclError(f"an SAE {CFG_FILE} must hold a JSON object, not {type(cfg).__name__}")
+    what = {"d_in": "the input width, the model's d_model", "d_sae": "the number of features", "d_out": "the output width"}
+    for key in ("d_in", "d_sae") + (("d_out",) if cfg.get("d_out") is not None else ()):
+        value = cfg.get(key)
+        if value is None:
+            raise IclError(f"the SAE's {CFG_FILE} has no {key!r}; add it ({what[key]})")
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) <= 0:
+            raise IclError(f"the SAE's {CFG_FILE} has {key}={value!r}; it must be a positive integer")
+
+
 def read_saelens_folder(folder: Path, **overrides) -> Dictionary:
     from safetensors.torch import load_file
 
@@ -163,9 +177,11 @@ def read_saelens_folder(folder: Path, **overrides) -> Dictionary:
     if not cfg_path.exists() or not w_path.exists():
         raise IclError(f"{folder} is not a SAELens folder (needs {CFG_FILE} and {WEIGHTS_FILE})")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise IclError(f"{cfg_path} is not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise IclError(f"{cfg_path} is not UTF-8 text; it should be a SAELens JSON config") from None
     return from_saelens(cfg, load_file(str(w_path)), **overrides)
 
 

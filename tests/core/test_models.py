@@ -88,7 +88,7 @@ def test_offline_hub_id_is_one_line_that_says_what_to_do(monkeypatch, tmp_path):
         with pytest.raises(IclError, match="pass that folder") as e:
             load_model(name, device="cpu")
         msg = _one_line(e)
-        assert "huggingface-cli download google/gemma-" in msg
+        assert "`hf download google/gemma-" in msg and "huggingface-cli" not in msg
 
 
 def _http_error(cls, status: int = 404):
@@ -102,7 +102,7 @@ def test_hub_errors_become_instructions():
     gated = OSError("You are trying to access a gated repo.")
     gated.__cause__ = _http_error(hub.GatedRepoError, 403)
     msg = hub_error_message("llama-3.2-1b", "meta-llama/Llama-3.2-1B", gated)
-    assert "gated" in msg and "HF_TOKEN" in msg and "huggingface-cli login" in msg
+    assert "gated" in msg and "HF_TOKEN" in msg and "`hf auth login`" in msg
 
     missing = OSError("x is not a local folder and is not a valid model identifier")
     missing.__cause__ = _http_error(hub.RepositoryNotFoundError)
