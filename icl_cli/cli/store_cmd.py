@@ -196,10 +196,13 @@ def gc_cmd(
     store = gl.store()
     if not dry_run and not yes:
         preview = store.gc(seconds, dry_run=True)
-        raise IclError(
-            f"gc would delete {len(preview.removed)} artifact(s) and {len(preview.staging) + len(preview.work)} "
-            f"scratch folder(s), {human_size(preview.freed_bytes)}; pass --yes to delete, or --dry-run to list them"
-        )
+        if not (preview.removed or preview.staging or preview.work or preview.names):
+            dry_run = True  # nothing to delete: say so and succeed, without asking for --yes
+        else:
+            raise IclError(
+                f"gc would delete {len(preview.removed)} artifact(s) and {len(preview.staging) + len(preview.work)} "
+                f"scratch folder(s), {human_size(preview.freed_bytes)}; pass --yes to delete, or --dry-run to list them"
+            )
     report = store.gc(seconds, dry_run=dry_run)
 
     def table() -> Table:
@@ -212,8 +215,9 @@ def gc_cmd(
             t.add_row(Path(p).parent.name + "/" + Path(p).name[:12], "-", "-", "-")
         return t
 
-    anything = report.removed or report.staging or report.work
-    emit(gl, data=report.to_json(), table=table if anything else None, keys=[r["key"] for r in report.removed])
+    anything = report.removed or report.staging or report.work or report.names
+    nothing = lambda: Text(f"nothing to delete in {store.root} (grace period {older_than})")  # noqa: E731
+    emit(gl, data=report.to_json(), table=table if anything else nothing, keys=[r["key"] for r in report.removed])
     verb = "would free" if dry_run else "freed"
     log(f"{len(report.removed)} artifact(s), {len(report.staging) + len(report.work)} scratch folder(s); "
         f"{verb} {human_size(report.freed_bytes)}; kept {report.kept} ({report.protected} named or in named lineage)", ctx_globals=gl)
