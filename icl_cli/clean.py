@@ -1,4 +1,4 @@
-"""Task vector cleaning (SPEC §5; Kharlapenko et al. 2025, §3): a sparse SAE decomposition of a
+"""Task vector cleaning (docs/METHODS.md §5; Kharlapenko et al. 2025, §3): a sparse SAE decomposition of a
 task vector that keeps its effect.
 
 For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
@@ -9,14 +9,18 @@ For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
    the residual below l is computed once, each step runs only blocks ≥ l.
 5. Adam; stop when L0 = #{a(θ) > 0} has not reached a new minimum for ``patience`` steps;
    return the θ at the minimum L0.
+6. λ auto (``p.l1`` None): 0-shot validation prompts whose queries are training pairs no
+   training prompt asks; clean with each λ of ``p.l1_grid`` from the largest down and keep the
+   first whose validation nll ≤ (1 + ``p.l1_tolerance``) × the raw vector's (if none passes, the
+   λ with the lowest validation nll). Large λs stop early (their L0 bottoms out fast), so the
+   search costs a few short runs on top of the one that passes.
 Baselines on the same held-out prompts: 0-shot, raw TV, SAE reconstruction, gradient pursuit
 with k = 5 and 20. ``detectors``: clean DV[t, l] instead, steering at the output token of a
-dummy example "X -> Y" prepended to the 0-shot prompt (SPEC §6).
+dummy example "X -> Y" prepended to the 0-shot prompt (METHODS §6).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -31,35 +35,10 @@ from icl_cli.core.metrics import nll
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
 from icl_cli.pursuit import pursuit_vector
+from icl_cli.clean_io import (FORMAT_VERSION, CleanParams, CleanResult, read_h5, read_meta,  # noqa: F401 (re-exported)
+                              summary_json, write_h5)
 
-FORMAT_VERSION = 1
 METHODS = ("zero_shot", "tv", "recon", "cleaned", "ito_5", "ito_20")
-
-
-@dataclass
-class CleanParams:
-    l1: float = 0.05
-    """λ of the L1 penalty on the SAE activations (paper: 0.05)."""
-    lr: float = 0.01
-    """Adam learning rate (paper: 1e-2)."""
-    max_steps: int = 1000
-    """At most this many steps per task (paper: 1000)."""
-    patience: int = 200
-    """Stop when L0 has not reached a new minimum for this many steps (paper: 200)."""
-    n_train: int = 24
-    """0-shot training prompts per task (paper: 24)."""
-    ito_k: tuple[int, ...] = (5, 20)
-    """Gradient pursuit baselines with these k."""
-    sweep_l1: tuple[float, ...] = ()
-    """Also clean with each of these λ (held-out nll and L0 per λ)."""
-    detectors: bool = False
-    """Clean the detector vectors (output tokens) instead of the task vectors."""
-    seed: int = 0
-    """Seed of the training prompts."""
-
-    def __post_init__(self) -> None:
-        if self.l1 < 0 or any(lam < 0 for lam in self.sweep_l1) or self.lr <= 0 or self.max_steps < 1 or self.patience < 1 or self.n_train < 1:
-            raise IclError("need --l1 and --sweep-l1 values ≥ 0, --lr > 0, --max-steps ≥ 1, --patience ≥ 1 and --n-train ≥ 1")
 
 
 class Cleaned(NamedTuple):
@@ -67,46 +46,6 @@ class Cleaned(NamedTuple):
     acts: Tensor  # [d_sae], the kept activations
     l0: int
     steps: int
-
-
-@dataclass
-class CleanResult:
-    features: list[int]
-    weights: list[float]
-    l0: dict[str, int]
-    nll: dict[str, float]
-    acc: dict[str, float]
-    steps: int
-    sweep: dict[str, list[float]] = field(default_factory=dict)  # l1, l0, nll
-
-    def save(self, path) -> None:
-        """Write this result as JSON, atomically (partial results of an interrupted run)."""
-        import json
-        import os
-        from dataclasses import asdict
-
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(asdict(self), fh)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path) -> "CleanResult | None":
-        import json
-
-        try:
-            with open(path) as fh:
-                return cls(**json.load(fh))
-        except (OSError, ValueError, TypeError):
-            return None
-
-    @property
-    def l0_fraction(self) -> float:
-        return self.l0["cleaned"] / max(self.l0["recon"], 1)
-
-    def loss_delta(self, method: str = "cleaned") -> float:
-        """(nll_TV − nll_method) / nll_zero-shot: > 0 when the method beats the raw TV."""
-        return (self.nll["tv"] - self.nll[method]) / max(self.nll["zero_shot"], 1e-9)
 
 
 def steer_mask(batch: PromptBatch, detectors: bool) -> Tensor:
@@ -179,6 +118,40 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
         return Cleaned(sae.decode(a).detach(), a.detach(), best[0], step)
 
 
+def validation_queries(train: Sequence[tuple[str, str]], used: Sequence[Prompt]) -> list[tuple[str, str]]:
+    """The training pairs that no prompt of ``used`` asks: queries for --l1 auto's validation."""
+    asked = {p.query[0] for p in used}
+    rest = [pair for pair in train if pair[0] not in asked]
+    if not rest:
+        raise IclError(f"every training pair is a training query ({len(train)} pairs, --n-train {len(used)}), so --l1 auto "
+                       "has no validation prompts; lower --n-train or pass an explicit --l1")
+    return rest
+
+
+def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, layer: int, v: Tensor, p: CleanParams,
+              mask_tr: Tensor, mask_val: Tensor) -> tuple[float, Cleaned, dict]:
+    """Step 6 above: (λ, its cleaned vector, the record of every λ tried)."""
+    def val_nll(vec: Tensor) -> float:
+        with torch.no_grad():
+            return scores(steered_logits(hm, cache_val, layer, vec, mask=mask_val), cache_val.batch).nll
+
+    base = val_nll(v)
+    limit = base * (1 + p.l1_tolerance)
+    tried: dict[str, list] = {"l1": [], "l0": [], "val_nll": [], "steps": []}
+    best = None
+    for lam in p.l1_grid:  # largest first
+        c = clean_vector(hm, sae, cache_tr, layer, v, p, lam, mask_tr)
+        nll_val = val_nll(c.vector)
+        for k, x in (("l1", lam), ("l0", c.l0), ("val_nll", nll_val), ("steps", c.steps)):
+            tried[k].append(x)
+        if best is None or nll_val < best[2]:
+            best = (lam, c, nll_val)
+        if nll_val <= limit:
+            return lam, c, {**tried, "val_nll_tv": base, "limit": limit, "passed": True}
+    lam, c, _ = best
+    return lam, c, {**tried, "val_nll_tv": base, "limit": limit, "passed": False}
+
+
 def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tensor, p: CleanParams,
                split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None) -> CleanResult:
     """Clean one task's vector and score every method on held-out prompts.
@@ -192,7 +165,14 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
     cache_ho = BaseCache.build(hm, tokenizer, ho, [layer], n_first, device)
     mask_tr, mask_ho = steer_mask(cache_tr.batch, p.detectors), steer_mask(cache_ho.batch, p.detectors)
 
-    cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, p.l1, mask_tr)
+    if p.auto:
+        val = _prompts(train, validation_queries(train, tr), p.n_val, p.seed + 4, p.detectors, template, task.name)
+        cache_val = BaseCache.build(hm, tokenizer, val, [layer], n_first, device)
+        l1, cleaned, auto = choose_l1(hm, sae, cache_tr, cache_val, layer, v, p, mask_tr,
+                                      steer_mask(cache_val.batch, p.detectors))
+    else:
+        l1, auto = p.l1, {}
+        cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, l1, mask_tr)
     with torch.no_grad():
         recon_acts = sae.encode(v.to(sae.W_dec.device, sae.W_dec.dtype))
         vectors = {"zero_shot": None, "tv": v, "recon": sae.decode(recon_acts), "cleaned": cleaned.vector}
@@ -204,7 +184,8 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
     kept = torch.nonzero(cleaned.acts > 0).flatten()
     order = kept[torch.argsort(cleaned.acts[kept], descending=True)]
     result = CleanResult(order.tolist(), cleaned.acts[order].tolist(), l0,
-                         {m: s.nll for m, s in held.items()}, {m: s.acc for m, s in held.items()}, cleaned.steps)
+                         {m: s.nll for m, s in held.items()}, {m: s.acc for m, s in held.items()}, cleaned.steps,
+                         l1=l1, auto=auto)
     if p.sweep_l1:
         result.sweep = {"l1": list(p.sweep_l1), "l0": [], "nll": []}
         for lam in p.sweep_l1:
@@ -214,54 +195,3 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
             result.sweep["l0"].append(c.l0)
             result.sweep["nll"].append(s.nll)
     return result
-
-
-def write_h5(f, layer: int, results: dict[str, CleanResult]) -> None:
-    """/tasks/<t>/{features, weights, l0/<m>, nll/<m>, acc/<m>, sweep/*}; attrs layer, steps."""
-    f.attrs["layer"] = layer
-    for name, r in results.items():
-        g = f.create_group(f"tasks/{name}")
-        g.create_dataset("features", data=torch.tensor(r.features, dtype=torch.long).numpy())
-        g.create_dataset("weights", data=torch.tensor(r.weights, dtype=torch.float32).numpy())
-        for group, values in (("l0", r.l0), ("nll", r.nll), ("acc", r.acc)):
-            for m, v in values.items():
-                g.create_dataset(f"{group}/{m}", data=v)
-        for k, v in r.sweep.items():
-            g.create_dataset(f"sweep/{k}", data=v)
-        g.attrs["steps"] = r.steps
-
-
-def read_h5(path) -> tuple[int, dict[str, CleanResult]]:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            layer = int(f.attrs["layer"])
-            results = {}
-            for name, g in f["tasks"].items():
-                get = lambda grp, cast: {m: cast(v[()]) for m, v in g[grp].items()}  # noqa: E731
-                sweep = {k: v[()].tolist() for k, v in g["sweep"].items()} if "sweep" in g else {}
-                results[name] = CleanResult(g["features"][()].tolist(), g["weights"][()].tolist(), get("l0", int),
-                                            get("nll", float), get("acc", float), int(g.attrs["steps"]), sweep)
-    except (OSError, KeyError) as exc:
-        raise IclError(f"{path} is not a readable clean artifact ({exc}); run `icl store verify`") from None
-    return layer, results
-
-
-def summary_json(key: str, layer: int, results: dict[str, CleanResult]) -> dict:
-    tasks = {}
-    for name, r in results.items():
-        tasks[name] = {"features": r.features, "weights": r.weights, "l0": r.l0, "nll": r.nll, "acc": r.acc,
-                       "l0_fraction": r.l0_fraction, "loss_delta": r.loss_delta(), "steps": r.steps}
-        if r.sweep:
-            tasks[name]["sweep"] = r.sweep
-    n = max(len(results), 1)
-    mean = {
-        "l0_recon": sum(r.l0["recon"] for r in results.values()) / n,
-        "l0_cleaned": sum(r.l0["cleaned"] for r in results.values()) / n,
-        "l0_fraction": sum(r.l0_fraction for r in results.values()) / n,
-        "nll_tv": sum(r.nll["tv"] for r in results.values()) / n,
-        "nll_cleaned": sum(r.nll["cleaned"] for r in results.values()) / n,
-        "nll_zero_shot": sum(r.nll["zero_shot"] for r in results.values()) / n,
-    }
-    return {"key": key, "layer": layer, "mean": mean, "tasks": tasks}

@@ -7,7 +7,8 @@ For each task t:
 3. On held-out 0-shot prompts: the 0-shot loss, and per layer the loss with TV[t, l] added to
    (paper, scale 1) or written into (Hendel) resid_pre[l] at the arrow; on held-out few-shot
    prompts, the few-shot loss. nll = summed NLL of the first n_first answer tokens; acc = greedy
-   first answer token. The best layer has the lowest 0-shot + TV (added) loss.
+   first answer token. The best layer has the lowest 0-shot + TV (added) loss; tasks the vector
+   does not help at any layer, or that are solved at 0 shots, are flagged (collect_io).
 4. With SAEs: each SAE's feature activations on the few-shot prompts, summed per token role.
 
 HDF5 layout (one file, ``collect.h5``)::
@@ -29,41 +30,13 @@ import torch
 
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.layers import parse_layers
-from icl_cli.core.prompts import ROLES, get_template, sample_prompts, split_pairs
+from icl_cli.core.prompts import ROLES, sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site
 from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_logits
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
-
-FORMAT_VERSION = 1
-SWEEP_METRICS = ("zero_shot_nll", "zero_shot_acc", "few_shot_nll", "few_shot_acc",
-                 "tv_nll", "tv_acc", "tv_replace_nll", "tv_replace_acc")
-
-
-@dataclass
-class CollectParams:
-    tasks: str = "all"
-    """`all` or a comma-separated list of task names / JSON files."""
-    layers: str = "all"
-    """`all`, one layer, a range `a-b`, or a list `1,3,5`."""
-    n_shot: int = 19
-    """Examples per few-shot prompt (paper: 19 for cleaning, 31 for the sweep)."""
-    n_prompts: int = 16
-    """Few-shot prompts averaged into each task vector (paper: 16)."""
-    n_eval: int = 32
-    """Held-out prompts for the sweep metrics (paper: 32)."""
-    template: str = "paper"
-    """paper | hendel | todd."""
-    n_first: int = 2
-    """Answer tokens scored by nll (paper: 2)."""
-    seed: int = 0
-    """Seed of the split and of prompt sampling."""
-
-    def __post_init__(self) -> None:
-        get_template(self.template)
-        if self.n_prompts < 1 or self.n_eval < 1 or self.n_first < 1:
-            raise IclError("--n-prompts, --n-eval and --n-first must be ≥ 1")
-
+from icl_cli.collect_io import (FORMAT_VERSION, SWEEP_METRICS, CollectParams, mass_percent,  # noqa: F401 (re-exported)
+                               summary_json, task_flags)
 
 @dataclass
 class TaskResult:
@@ -230,26 +203,3 @@ def read_h5(path) -> tuple[list[int], dict[str, TaskResult]]:
     except (OSError, KeyError) as exc:
         raise IclError(f"{path} is not a readable collect artifact ({exc}); run `icl store verify`") from None
     return layers, results
-
-
-def summary_json(key: str, layers: Sequence[int], results: dict[str, TaskResult]) -> dict:
-    out = {}
-    for name, r in results.items():
-        rows = {}
-        for j, l in enumerate(layers):
-            rows[str(l)] = {"zero_shot_nll": r.sweep["zero_shot_nll"], "tv_nll": r.sweep["tv_nll"][j],
-                            "tv_replace_nll": r.sweep["tv_replace_nll"][j], "few_shot_nll": r.sweep["few_shot_nll"],
-                            "zero_shot_acc": r.sweep["zero_shot_acc"], "tv_acc": r.sweep["tv_acc"][j],
-                            "tv_replace_acc": r.sweep["tv_replace_acc"][j], "few_shot_acc": r.sweep["few_shot_acc"]}
-        out[name] = {"best_layer": r.best_layer, "layers": rows}
-        if r.mass:
-            out[name]["mass_pct"] = {k: mass_percent(m) for k, m in r.mass.items()}
-    return {"key": key, "layers": list(layers), "tasks": out}
-
-
-def mass_percent(mass: torch.Tensor, features: Sequence[int] | None = None) -> dict[str, float]:
-    """Percentage of the activation of ``features`` (default: all) that falls on each role (SPEC §8)."""
-    m = mass if features is None else mass[:, list(features)]
-    per_role = m.sum(-1)
-    total = float(per_role.sum()) or 1.0
-    return {role: 100 * float(v) / total for role, v in zip(("none",) + ROLES, per_role)}

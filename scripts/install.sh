@@ -1,17 +1,53 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything icl needs (CPU build of torch first, so
-# that no multi-GB CUDA build is pulled in on machines without a GPU). Idempotent.
+# that no multi-GB CUDA build is pulled in on machines without a GPU). Idempotent, and quick when
+# nothing changed: .venv/.icl-install records a hash of pyproject.toml and the extras installed,
+# and a rerun with the same ones skips pip (about a second). FORCE=1 reinstalls anyway.
 #   bash scripts/install.sh        # the tool
 #   bash scripts/install.sh test   # the tool and the test dependencies
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING: Location' || true
-fi
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
-.venv/bin/python -m pip install -q -e ".${extra}" 2>&1 | grep -vE '^WARNING: Location|^ *$' | grep -v 'wheel_obj\|!!\|strategy' || true
-.venv/bin/python -c "import icl_cli, torch; print(f'icl ready (torch {torch.__version__})')" >&2
+stamp=.venv/.icl-install
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+
+ready() {  # the installed versions, without importing torch (which takes seconds)
+  .venv/bin/python - "$@" <<'EOF' >&2
+from importlib.metadata import version
+import sys
+print(f"icl ready (icl-cli {version('icl-cli')}, torch {version('torch')}){sys.argv[1] if len(sys.argv) > 1 else ''}")
+EOF
+}
+
+if [ -z "${FORCE:-}" ] && [ -f "$stamp" ] && [ -x .venv/bin/icl ] && .venv/bin/python -c "import icl_cli" >/dev/null 2>&1; then
+  read -r have have_extra < "$stamp" || true
+  if [ "$have" = "$want" ] && { [ -z "$extra" ] || [ "${have_extra:-}" = "$extra" ]; }; then
+    ready "; pyproject.toml unchanged since the last install, pip skipped"
+    exit 0
+  fi
+fi
+
+pip_quiet() {  # pip with its noise filtered out; fails when pip fails
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    return 1
+  fi
+  grep -vE '^WARNING: Location|^ *$|wheel_obj|!!|strategy' "$log" >&2 || true
+  rm -f "$log"
+}
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+rm -f "$stamp"
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  pip_quiet "torch==2.13.0"
+fi
+pip_quiet -e ".${extra}"
+.venv/bin/python -c "import icl_cli, torch" >/dev/null
+echo "$want $extra" > "$stamp"
+ready

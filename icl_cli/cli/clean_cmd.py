@@ -1,6 +1,7 @@
-"""``icl clean``: task vector cleaning with baselines (SPEC §5).
+"""``icl clean``: task vector cleaning with baselines (docs/METHODS.md §5).
 
-    icl clean --tv COLLECT_REF --sae SAE_REF
+    icl clean --tv COLLECT_REF --sae SAE_REF                  # λ auto, per task
+    icl clean --tv COLLECT_REF --sae SAE_REF --l1 0.05        # the paper's fixed λ
     icl clean --tv COLLECT_REF --sae SAE_REF --tasks antonyms --sweep-l1 1e-3,1e-2,5e-2 --json
     icl clean --tv COLLECT_REF --sae SAE_AT_L_MINUS_1 --detectors
 """
@@ -14,6 +15,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
+from icl_cli.clean_io import AUTO_L1_GRID
 from icl_cli.errors import IclError
 
 
@@ -21,11 +23,21 @@ def register(app: typer.Typer) -> None:
     app.command("clean")(clean_cmd)
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(text: str, option: str = "--sweep-l1") -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise IclError(f"cannot read {text!r} as a comma-separated list of numbers") from None
+        raise IclError(f"{option}: cannot read {text!r} as a comma-separated list of numbers") from None
+
+
+def _l1(text: str) -> float | None:
+    """--l1: ``auto`` (None) or a number ≥ 0."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise IclError(f"--l1 takes a number ≥ 0 or auto, not {text!r}") from None
 
 
 def clean_cmd(
@@ -33,59 +45,84 @@ def clean_cmd(
     tv: str = typer.Option(..., "--tv", help="The collect artifact holding the task vectors."),
     sae: str = typer.Option(..., "--sae", help="SAE for resid_pre at the cleaning layer (ref, folder or release id)."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer (default: the SAE's)."),
-    l1: float = typer.Option(0.05, "--l1", help="L1 coefficient λ."),
+    l1: str = typer.Option("auto", "--l1", help="L1 coefficient λ, or auto: per task, the largest λ of --l1-grid whose "
+                           "validation nll stays within --l1-tolerance of the raw vector's (the paper used 0.05)."),
+    l1_grid: str = typer.Option(",".join(f"{x:g}" for x in AUTO_L1_GRID), "--l1-grid", help="λs tried by --l1 auto (largest first)."),
+    l1_tolerance: float = typer.Option(0.1, "--l1-tolerance", help="--l1 auto: allowed relative rise of the validation nll over the raw vector's."),
+    n_val: int = typer.Option(24, "--n-val", help="--l1 auto: validation prompts (training pairs no training prompt asks)."),
     lr: float = typer.Option(0.01, "--lr", help="Adam learning rate."),
     max_steps: int = typer.Option(1000, "--max-steps", help="At most this many steps per task."),
     patience: int = typer.Option(200, "--patience", help="Early stopping: steps without a new minimum L0."),
     n_train: int = typer.Option(24, "--n-train", help="0-shot training prompts per task."),
     sweep_l1: str = typer.Option("", "--sweep-l1", help="Also clean with each λ of this comma-separated list."),
     tasks: str = typer.Option("all", "--tasks", help="all (the artifact's tasks) or a comma-separated subset."),
-    detectors: bool = typer.Option(False, "--detectors", help="Clean the detector vectors (output tokens) instead; pass the SAE of layer l−1 (SPEC §6)."),
+    detectors: bool = typer.Option(False, "--detectors", help="Clean the detector vectors (output tokens) instead; "
+                                   "pass the SAE of layer l−1 (docs/METHODS.md §6)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
     """Clean task vectors into a few SAE features that keep the task (plus the baselines)."""
-    from icl_cli.clean import FORMAT_VERSION, CleanParams, CleanResult, clean_task, read_h5, summary_json, write_h5
-    from icl_cli.collect import read_h5 as read_collect
-    from icl_cli.core.identity import model_fingerprint, tasks_digest
-    from icl_cli.core.models import resolve_device, resolve_dtype
-    from icl_cli.core.sites import HookedModel
+    from icl_cli.cli.fastpath import cpu_device_dtype
+    from icl_cli.clean_io import FORMAT_VERSION, CleanParams, read_h5, summary_json
+    from icl_cli.collect_io import read_sweeps, task_flags
+    from icl_cli.core.identity import tasks_digest
     from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.dictionaries.io import load_dictionary
     from icl_cli.store import StepSpec
 
     gl = g(ctx)
     store = gl.store()
-    p = CleanParams(l1=l1, lr=lr, max_steps=max_steps, patience=patience, n_train=n_train,
-                    sweep_l1=_floats(sweep_l1), detectors=detectors, seed=gl.seed)
+    p = CleanParams(l1=_l1(l1), l1_grid=_floats(l1_grid, "--l1-grid"), l1_tolerance=l1_tolerance, n_val=n_val, lr=lr,
+                    max_steps=max_steps, patience=patience, n_train=n_train, sweep_l1=_floats(sweep_l1),
+                    detectors=detectors, seed=gl.seed)
     tv_art = store.resolve(tv, step="collect")
     sae_art = maybe_artifact(store, sae)
     if sae_art is None and Path(sae).exists():  # a folder or file: keyed by its content
         sae_art = store.import_path(sae, "sae", log=lambda m: log(m, ctx_globals=gl)).artifact
-    d = load_dictionary(sae_art if sae_art is not None else sae, store)
     cp = tv_art.params
-    layers, results = read_collect(tv_art.file("collect.h5"))
-    layer = _check(d, cp, layers, layer, next(iter(results.values())).tv.shape[-1])
-    names = list(results) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    missing = [t for t in names if t not in results]
+    layers, sweeps = read_sweeps(tv_art.file("collect.h5"), with_mass=False)
+    names = list(sweeps) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    missing = [t for t in names if t not in sweeps]
     if missing:
-        raise IclError(f"task(s) {', '.join(missing)} are not in collect artifact {tv_art.key[:12]}; it holds {', '.join(results)}")
+        raise IclError(f"task(s) {', '.join(missing)} are not in collect artifact {tv_art.key[:12]}; it holds {', '.join(sweeps)}")
     task_list = resolve_tasks(cp["tasks"], cp.get("tasks_dir"))
     if tasks_digest(task_list) != cp["tasks_digest"]:
         raise IclError(f"the task data changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
     suite = {t.name: t for t in task_list}
-    dtype = str(resolve_dtype(gl.dtype, resolve_device(gl.device)))
-    params = {**p.__dict__, "layer": layer, "tasks": names, "sae": sae if sae_art is None else None, "dtype": dtype}
-    spec = StepSpec("clean", params, {"tv": tv_art, "sae": sae_art}, FORMAT_VERSION)
+    flags = {t: task_flags(sweeps[t].sweep) for t in names}
+    label = _sae_label(store, sae_art, sae)
+    meta = {"l1": "auto" if p.auto else p.l1, "l1_tolerance": p.l1_tolerance if p.auto else None,
+            "sae": sae_art.key if sae_art is not None else sae, "sae_label": label, "detectors": detectors}
+
+    def spec_for(lay: int, dtype: str) -> StepSpec:
+        params = {**p.key_params(), "layer": lay, "tasks": names, "sae": sae if sae_art is None else None, "dtype": dtype}
+        return StepSpec("clean", params, {"tv": tv_art, "sae": sae_art}, FORMAT_VERSION)
+
+    # a reused artifact is found from the manifests alone (no torch, no SAE load): the SAE's layer
+    # is in its artifact's record, and the dtype is known without torch on a machine without GPU
+    known = layer if layer is not None else _recorded_layer(sae_art)
+    cpu = cpu_device_dtype(gl)
+    spec = spec_for(known, cpu[1]) if known is not None and cpu is not None else None
+    if spec is None or force or store.lookup(spec) is None:
+        spec, d = _checked_spec(gl, store, sae_art, sae, cp, tv_art, layer, spec_for)
+    else:
+        d = None
     holder = {}
 
     def build(st):
+        from icl_cli.clean import CleanResult, clean_task, write_h5
+        from icl_cli.collect import read_h5 as read_collect
+        from icl_cli.core.identity import model_fingerprint
+        from icl_cli.core.sites import HookedModel
+        from icl_cli.dictionaries.io import load_dictionary
+
+        lay = spec.params["layer"]
         lm = load_lm(gl, cp["model"])
         if model_fingerprint(lm.model) != cp["model_fingerprint"]:
             raise IclError(f"model {cp['model']} has changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
         hm = HookedModel(lm.model)
-        dd = d.to(lm.device)
-        j = layers.index(layer)
+        dd = (d or load_dictionary(sae_art if sae_art is not None else sae, store)).to(lm.device)
+        _, results = read_collect(tv_art.file("collect.h5"))
+        j = layers.index(lay)
         out = {}
         with task_progress(gl, len(names), "clean") as advance:
             for i, t in enumerate(names):
@@ -94,19 +131,53 @@ def clean_cmd(
                 done = CleanResult.load(part) if part.exists() else None
                 if done is None:
                     v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
-                    done = clean_task(hm, lm.tokenizer, dd, suite[t], layer, v, p, (cp["n_eval"], cp["seed"]),
+                    done = clean_task(hm, lm.tokenizer, dd, suite[t], lay, v, p, (cp["n_eval"], cp["seed"]),
                                       cp["template"], cp["n_first"], lm.device)
+                    done.flags = flags[t]
                     done.save(part)
                 out[t] = done
         with st.h5("clean.h5") as f:
-            write_h5(f, layer, out)
-        holder["data"] = (layer, out)
-        return summary_json(st.key, layer, out)["mean"]
+            write_h5(f, lay, out, meta)
+        holder["data"] = (lay, out)
+        return summary_json(st.key, lay, out, meta)["mean"]
 
     res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
     saved(gl, res)
-    data = summary_json(res.artifact.key, *(holder.get("data") or read_h5(res.artifact.file("clean.h5"))))
-    emit(gl, data, table=lambda: _table(data), keys=[res.artifact.key])
+    data = summary_json(res.artifact.key, *(holder.get("data") or read_h5(res.artifact.file("clean.h5"))), meta)
+    emit(gl, data, table=lambda: _tables(data), keys=[res.artifact.key])
+
+
+def _recorded_layer(art) -> int | None:
+    """The layer a store SAE records (train-sae params, import metrics), without loading it."""
+    if art is None:
+        return None
+    value = art.params.get("layer", art.metrics.get("layer"))
+    return value if isinstance(value, int) else None
+
+
+def _sae_label(store, art, ref: str) -> str:
+    """How people name the SAE: key, names, architecture, width and site."""
+    if art is None:
+        return ref
+    info = {**art.metrics, **art.params}
+    names = store.names_of(art.key)
+    width = info.get("width") or info.get("d_sae")
+    what = ", ".join(str(x) for x in (info.get("arch"), f"{width} features" if width else None,
+                                      info.get("site") and f"site {info['site']}") if x)
+    return f"{art.key[:12]}" + (f" ({', '.join(names)})" if names else "") + (f": {what}" if what else "")
+
+
+def _checked_spec(gl, store, sae_art, sae: str, cp: dict, tv_art, layer: int | None, spec_for):
+    """The spec after loading the SAE and checking it against the task vectors (the path of a new artifact)."""
+    from icl_cli.collect import read_h5 as read_collect
+    from icl_cli.core.models import resolve_device, resolve_dtype
+    from icl_cli.dictionaries.io import load_dictionary
+
+    d = load_dictionary(sae_art if sae_art is not None else sae, store)
+    layers, results = read_collect(tv_art.file("collect.h5"))
+    lay = _check(d, cp, layers, layer, next(iter(results.values())).tv.shape[-1])
+    dtype = str(resolve_dtype(gl.dtype, resolve_device(gl.device)))
+    return spec_for(lay, dtype), d
 
 
 def same_model(a: str, b: str) -> bool:
@@ -146,21 +217,48 @@ def _check(d, cp: dict, layers: list[int], layer: int | None, d_model: int) -> i
     return layer
 
 
-def _table(data: dict):
+def _tables(data: dict) -> list:
+    """Per task: kept features, L0 and held-out nll of each method; then the summary block."""
     from rich.table import Table
 
-    tab = Table(title=f"task vector cleaning at layer {data['layer']}; clean {data['key'][:12]}")
-    for col in ("task", "kept features (weight)", "L0 recon→cleaned", "nll 0-shot", "TV", "recon", "cleaned", "ito5", "ito20"):
-        tab.add_column(col, justify="left" if col.startswith(("task", "kept")) else "right")
+    from icl_cli.clean_io import SHORT, flag_note, l1_text
+
+    what = "detector" if data.get("detectors") else "task"
+    methods = list(data["methods"])
+    tab = Table(title=f"{what} vector cleaning at resid_pre[{data['layer']}]: held-out nll per task; clean {data['key'][:12]}")
+    short = {"zero_shot": "0-shot", "tv": "raw TV", "recon": "recon", "cleaned": "cleaned"}
+    cols = ["task", "kept features (activation)", "L0 recon→cleaned", "λ"] + [short.get(m, f"GP k={m[4:]}") for m in methods] + ["flag"]
+    for col in cols:
+        tab.add_column(col, justify="left" if col in ("task", "kept features (activation)", "flag") else "right")
     for t, r in data["tasks"].items():
         feats = ", ".join(f"{f}({w:.1f})" for f, w in list(zip(r["features"], r["weights"]))[:6])
         if len(r["features"]) > 6:
             feats += ", …"
-        n = r["nll"]
-        tab.add_row(t, feats, f"{r['l0']['recon']}→{r['l0']['cleaned']}", f"{n['zero_shot']:.2f}", f"{n['tv']:.2f}",
-                    f"{n['recon']:.2f}", f"{n['cleaned']:.2f}", f"{n.get('ito_5', float('nan')):.2f}",
-                    f"{n.get('ito_20', float('nan')):.2f}")
-    m = data["mean"]
-    tab.caption = (f"mean L0 {m['l0_recon']:.1f} → {m['l0_cleaned']:.1f} (fraction {m['l0_fraction']:.2f}); "
-                   f"mean nll TV {m['nll_tv']:.3f}, cleaned {m['nll_cleaned']:.3f}, 0-shot {m['nll_zero_shot']:.3f}")
+        lam = "-" if r.get("l1") is None else f"{r['l1']:g}" + ("" if r.get("auto", {}).get("passed", True) else "!")
+        tab.add_row(t, feats, f"{r['l0']['recon']}→{r['l0']['cleaned']}", lam, *(f"{r['nll'][m]:.2f}" for m in methods),
+                    ", ".join(SHORT[f] for f in r.get("flags", [])))
+    if any(not r.get("auto", {}).get("passed", True) for r in data["tasks"].values()):
+        tab.caption = "λ! : no λ of the grid kept the validation nll within tolerance; the one with the lowest was used"
+    return [tab, _summary(data, l1_text(data), flag_note(data))]
+
+
+def _summary(data: dict, lam: str, flags: str):
+    from rich.table import Table
+
+    s_all, s_ok = data["summary"]["all"], data["summary"]["unflagged"]
+    both = s_ok["n_tasks"] not in (0, s_all["n_tasks"])
+    tab = Table(title=f"summary: means over {s_all['n_tasks']} tasks of held-out 0-shot prompts, vector added at the "
+                      f"arrow of resid_pre[{data['layer']}]\nSAE {data.get('sae_label') or data.get('sae')}; {lam}")
+    tab.add_column("method")
+    for col in ("L0", "nll", "accuracy") + ((f"nll ({s_ok['n_tasks']} unflagged)", "accuracy (unflagged)") if both else ()):
+        tab.add_column(col, justify="right")
+    f = lambda v, p: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for m, row in s_all["methods"].items():
+        ok = s_ok["methods"].get(m, {})
+        extra = (f(ok.get("nll"), 3), f(ok.get("acc"), 2)) if both else ()
+        tab.add_row(row["name"], f(row["l0"], 1), f(row["nll"], 3), f(row["acc"], 2), *extra,
+                    style="bold" if m == "cleaned" else None)
+    tab.caption = (f"cleaned L0 / reconstruction L0 (mean of per-task ratios): {f(s_all['l0_fraction'], 2)}; "
+                   f"loss delta (nll TV − nll cleaned)/nll 0-shot: {f(s_all['loss_delta'], 3)}"
+                   + (f" ({f(s_ok['loss_delta'], 3)} unflagged)" if both else "") + f"\n{flags}")
     return tab

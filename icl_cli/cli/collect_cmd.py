@@ -37,12 +37,11 @@ def collect_cmd(
     """Collect task vectors and the layer sweep (run a subcommand for max-activating examples)."""
     if ctx.invoked_subcommand is not None:
         return
-    from icl_cli.collect import FORMAT_VERSION, CollectParams, run_collect, summary_json, write_h5
-    from icl_cli.core.identity import model_fingerprint, model_info, tasks_digest
+    from icl_cli.cli.fastpath import cpu_device_dtype
+    from icl_cli.collect_io import FORMAT_VERSION, CollectParams, read_sweeps, summary_json
+    from icl_cli.core.identity import model_info, tasks_digest
     from icl_cli.core.layers import parse_layers
-    from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.dictionaries.io import load_dictionary
     from icl_cli.store import StepSpec
 
     gl = g(ctx)
@@ -51,19 +50,27 @@ def collect_cmd(
                       template=template, n_first=n_first, seed=gl.seed)
     task_list = resolve_tasks(tasks, tasks_dir)
     sae_arts = [store.resolve(ref) for ref in saes]
-    # the key comes from the model's config and files: an existing artifact needs no model load
+    # the key comes from the model's config and files, and the device from the machine: an
+    # existing artifact is reused without loading the model or importing torch
     fingerprint, n_layers, _ = model_info(model, gl.trust_remote_code)
     lm = None if fingerprint else load_lm(gl, model)
-    device = resolve_device(gl.device)
+    device, dtype = cpu_device_dtype(gl) or _device_dtype(gl)
+    if not fingerprint:
+        from icl_cli.core.identity import model_fingerprint
+
+        fingerprint = model_fingerprint(lm.model)
     params = {**p.__dict__, "layers": parse_layers(layers, n_layers), "model": model,
               "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None,
-              "model_fingerprint": fingerprint or model_fingerprint(lm.model),
+              "model_fingerprint": fingerprint,
               "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
-              "dtype": str(resolve_dtype(gl.dtype, device)), "device": str(device)}
+              "dtype": dtype, "device": device}
     spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)
     holder = {}
 
     def build(st):
+        from icl_cli.collect import run_collect, write_h5
+        from icl_cli.dictionaries.io import load_dictionary
+
         lm_ = lm or load_lm(gl, model)
         sae_objs = [(a.key, load_dictionary(a).to(lm_.device)) for a in sae_arts]
         with task_progress(gl, len(task_list), "collect") as advance:
@@ -77,29 +84,52 @@ def collect_cmd(
     res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
     saved(gl, res)
     if "data" not in holder:
-        from icl_cli.collect import read_h5
-
-        holder["data"] = read_h5(res.artifact.file("collect.h5"))
+        holder["data"] = read_sweeps(res.artifact.file("collect.h5"))
     layer_list, results = holder["data"]
     data = summary_json(res.artifact.key, layer_list, results)
     emit(gl, data, table=lambda: _table(data), keys=[res.artifact.key])
 
 
+def _device_dtype(gl) -> tuple[str, str]:
+    """str(device), str(dtype) of a run, asking torch (a GPU may be there)."""
+    from icl_cli.core.models import resolve_device, resolve_dtype
+
+    device = resolve_device(gl.device)
+    return str(device), str(resolve_dtype(gl.dtype, device))
+
+
 def _table(data: dict):
     from rich.table import Table
 
+    from icl_cli.collect_io import SHORT, flag_note
+
     layers = [str(l) for l in data["layers"]]
-    tab = Table(title=f"nll of 0-shot prompts with the task vector added, by layer (* = best); collect {data['key'][:12]}")
+    tab = Table(title=f"nll of 0-shot prompts with the task vector added, by layer (* = best, where the vector helps); "
+                      f"collect {data['key'][:12]}")
     tab.add_column("task")
     tab.add_column("0-shot", justify="right")
     for l in layers:
         tab.add_column(f"layer {l}" if len(layers) <= 8 else l, justify="right")
     tab.add_column("few-shot", justify="right")
-    for task, r in data["tasks"].items():
+    tab.add_column("flag")
+    for i, (task, r) in enumerate(data["tasks"].items()):
         rows = r["layers"]
         first = rows[layers[0]]
-        cells = [f"{rows[l]['tv_nll']:.2f}" + ("*" if int(l) == r["best_layer"] else "") for l in layers]
-        tab.add_row(task, f"{first['zero_shot_nll']:.2f}", *cells, f"{first['few_shot_nll']:.2f}")
+        # a layer is starred only where the vector lowers the 0-shot nll
+        star = lambda l: int(l) == r["best_layer"] and rows[l]["tv_nll"] < first["zero_shot_nll"]  # noqa: E731
+        cells = [f"{rows[l]['tv_nll']:.2f}" + ("*" if star(l) else "") for l in layers]
+        tab.add_row(task, f"{first['zero_shot_nll']:.2f}", *cells, f"{first['few_shot_nll']:.2f}",
+                    ", ".join(SHORT[f] for f in r["flags"]), end_section=i == len(data["tasks"]) - 1)
+    for label, m in (("mean, all", data["mean"]["all"]), ("mean, unflagged", data["mean"]["unflagged"])):
+        if not m["n_tasks"]:
+            continue
+        f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        tab.add_row(f"{label} ({m['n_tasks']})", f(m["zero_shot_nll"]), *(f(m["tv_nll"][l]) for l in layers),
+                    f(m["few_shot_nll"]), "", style="bold")
+    note = flag_note(data)
+    best = data.get("best_layer")
+    tab.caption = (f"most common best layer of the unflagged tasks: {best}" if best is not None else "no task is helped by its vector") + \
+        (f"; {note}" if note else "; no flagged task")
     tables = [tab]
     keys = sorted({k for r in data["tasks"].values() for k in r.get("mass_pct", {})})
     for key in keys:

@@ -61,12 +61,17 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> tuple[str 
     """(fingerprint, n_layers, d_model) of a model from its config alone, without reading weights,
     so a step whose artifact exists is reused without loading the model. The fingerprint is None
     when it can only be known from the loaded model."""
-    import transformers as tr
-
-    from icl_cli.core.hub import offline_unless_reachable
     from icl_cli.core.models import hub_error_message, resolve_source
 
     source, local = resolve_source(name_or_path)
+    if local:  # config.json read directly: importing transformers costs seconds
+        sizes = _config_sizes(Path(source) / "config.json")
+        if sizes is not None:
+            return folder_fingerprint(Path(source)), *sizes
+    import transformers as tr
+
+    from icl_cli.core.hub import offline_unless_reachable
+
     try:
         with offline_unless_reachable():
             cfg = tr.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -81,3 +86,16 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> tuple[str 
         commit = getattr(cfg, "_commit_hash", None)
         fingerprint = f"hf:{commit}" if commit else None
     return fingerprint, int(text.num_hidden_layers), int(text.hidden_size)
+
+
+def _config_sizes(path: Path) -> tuple[int, int] | None:
+    """(n_layers, d_model) from a config.json by its common key names (text_config first, as
+    multimodal models nest it); None when they are not there (then transformers decides)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config") or cfg
+    layers = next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(cfg.get(k), int)), None)
+    width = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(cfg.get(k), int)), None)
+    return None if layers is None or width is None else (layers, width)
