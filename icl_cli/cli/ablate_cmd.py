@@ -188,9 +188,9 @@ def _ablate_table(data: dict, r):
 
     from icl_cli.ablate_render import heatmap
 
-    title = f"ablating {data['set']} ({data['mode']}) at {', '.join(data['roles'])} tokens of few-shot prompts; ablate {data['key'][:12]}"
     out = []
-    tab = Table(title=title)
+    tab = Table(title=f"ablating {data['set']} ({data['mode']}) at {', '.join(data['roles'])} tokens; ablate {data['key'][:12]}")
+    tab.caption = "held-out few-shot prompts; the rest of the SAE reconstruction and its error are kept"
     for col in ("features of", "measured on", "n feats", "nll clean", "nll ablated", "Δnll", "acc clean → ablated"):
         tab.add_column(col, justify="left" if col in ("features of", "measured on") else "right")
     for s, cell in data["ablated"].items():
@@ -202,8 +202,10 @@ def _ablate_table(data: dict, r):
             tab.add_row(s, t, str(n), f"{b['nll']:.3f}", f"{m['nll']:.3f}", f"{m['delta_nll']:+.3f}", f"{b['acc']:.2f} → {m['acc']:.2f}")
     out.append(tab)
     if data["cross_task"] and len(r.sets) > 1:
-        out.append(heatmap("Δnll: ablate the features of the row's task, measure the column's task (* = own task)",
-                           r.sets, r.tasks, data["delta_nll"], marks=[[s == t for t in r.tasks] for s in r.sets], fmt="{:+.3f}"))
+        hm = heatmap("Δnll, ablate the row's features, measure the column's task", r.sets, r.tasks, data["delta_nll"],
+                     marks=[[s == t for t in r.tasks] for s in r.sets], fmt="{:+.3f}")
+        hm.caption = "* = the task's own features; red: the loss rises when they are ablated"
+        out.append(hm)
     return out
 
 
@@ -259,7 +261,7 @@ def _mass_table(data: dict):
     from rich.table import Table
 
     roles = list(data["percent"])
-    tab = Table(title=f"activation mass of {data['set']} by token role (% of their activation on few-shot prompts); ablate {data['key'][:12]}")
+    tab = Table(title=f"activation mass of {data['set']} by token role (%); ablate {data['key'][:12]}")
     tab.add_column("task")
     tab.add_column("features", justify="left")
     for role in roles:
@@ -268,7 +270,7 @@ def _mass_table(data: dict):
         feats = ",".join(map(str, r["features"][:6])) + (",…" if len(r["features"]) > 6 else "")
         tab.add_row(t, feats, *(f"{r['percent'][role]:.1f}" for role in roles))
     tab.add_row("all tasks", "", *(f"{data['percent'][role]:.1f}" for role in roles), style="bold")
-    tab.caption = "paper (Gemma-1 2B): executors 89.8% on arrows, detectors 96.8% on outputs"
+    tab.caption = "share of the features' activation on few-shot prompts; paper (Gemma-1 2B): executors 89.8% on arrows, detectors 96.8% on outputs"
     return tab
 
 
@@ -342,11 +344,10 @@ def _link_table(data: dict):
     from icl_cli.ablate_render import heatmap
 
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    title = (f"executor activation at arrows after / before removing the detector's direction at outputs "
-             f"({data['removal']}); rows: detectors (layer {data['detector_layer']}), columns: executors "
-             f"(layer {data['executor_layer']}), * = a task's own pair; ablate {data['key'][:12]}")
+    title = f"detector → executor: executor activation at arrows, after / before ({data['removal']}); ablate {data['key'][:12]}"
     tab = heatmap(title, [str(d) for d in data["detectors"]], [str(e) for e in data["executors"]], data["ratio"],
                   marks=data["own"], fmt="{:.2f}", centre=1.0)
-    tab.caption = (f"mean ratio: own pairs {fmt(data['own_mean_ratio'])} (n={data['n_own']}), "
+    tab.caption = (f"rows: detectors (layer {data['detector_layer']}), columns: executors (layer {data['executor_layer']}), "
+                   f"* = a task's own pair. Mean ratio: own pairs {fmt(data['own_mean_ratio'])} (n={data['n_own']}), "
                    f"other pairs {fmt(data['other_mean_ratio'])} (n={data['n_other']})")
     return tab
