@@ -25,6 +25,7 @@ def report_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the figures (PNG + SVG) and index.html into this folder."),
     inputs: bool = typer.Option(False, "--inputs", help="Also report every artifact these were made from."),
     params: bool = typer.Option(False, "--params", help="Show each artifact's parameters in the terminal too."),
+    brief: bool = typer.Option(False, "--brief", help="Print only the headline findings, the dictionaries' quality, where things are and what to run next."),
 ) -> None:
     """Render artifacts: tables, heatmaps, top features' contexts, lineage; figures and index.html with --out."""
     from icl_cli.report import build_report, report_json
@@ -34,7 +35,50 @@ def report_cmd(
                        progress=lambda m: log(f"rendering {m}", ctx_globals=gl))
     if rep.index is not None:
         log(f"report written: {rep.index}", ctx_globals=gl, style=None)
-    emit(gl, report_json(rep), table=lambda: _terminal(rep, params), keys=[str(rep.index)] if rep.index else [])
+    view = (lambda: _brief(rep, gl.store_path)) if brief else (lambda: _terminal(rep, params))
+    emit(gl, report_json(rep), table=view, keys=[str(rep.index)] if rep.index else [])
+
+
+def _headline_table(rep):
+    from rich.table import Table
+    from rich.text import Text
+
+    tab = Table(title="headline findings beside the paper's", title_justify="left")
+    for col in ("finding", "this run", "paper (Gemma-1 2B)"):
+        tab.add_column(col)
+    for r in rep.headline:
+        tab.add_row(Text(r["finding"]), Text(r["ours"]), Text(r["paper"]))
+    return tab
+
+
+def _brief(rep, store_path: Path) -> list:
+    """The end of a pipeline run: findings, dictionary quality, where things are, next commands."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = [_headline_table(rep)] if rep.headline else []
+    saes = [s for s in rep.sections if "ce_recovered" in s.summary or "fvu" in s.summary]
+    if saes:
+        tab = Table(title="dictionaries used (held-out tokens)", title_justify="left")
+        for col in ("dictionary", "L0", "FVU", "CE recovered", "key"):
+            tab.add_column(col, justify="left" if col in ("dictionary", "key") else "right")
+        for s in saes:
+            q = s.summary
+            f = lambda k, d: "–" if q.get(k) is None else f"{q[k]:.{d}f}"  # noqa: E731
+            tab.add_row(Text(s.title), f("l0", 1), f("fvu", 3), f("ce_recovered", 3), s.key[:12])
+        out.append(tab)
+    names = {s.step: s.key[:12] for s in rep.sections}
+    out.append(Text(f"artifacts: {len(rep.sections)} in the store {store_path.resolve()} (`icl store ls`, "
+                    f"`icl store show KEY`)"))
+    if rep.index is not None:
+        out.append(Text(f"report: {rep.index}", style="bold"))
+    nxt = ["icl report KEY            one artifact in the terminal: tables, heatmaps, contexts, lineage"]
+    if "steer" in names:
+        nxt.append(f"icl report {names['steer']}   the steering heatmap in the terminal")
+    if "circuit" in names:
+        nxt.append(f"icl report {names['circuit']}   a circuit's nodes and edges")
+    out.append(Text("next:\n" + "\n".join("  " + n for n in nxt)))
+    return out
 
 
 def _terminal(rep, show_params: bool) -> list:
@@ -54,14 +98,7 @@ def _terminal(rep, show_params: bool) -> list:
         if sec.key in rep.lineage:
             out.append(lineage_tree(rep.lineage[sec.key]))
     if rep.headline:
-        from rich.table import Table
-
-        tab = Table(title="headline findings beside the paper's", title_justify="left")
-        for col in ("finding", "this run", "paper (Gemma-1 2B)"):
-            tab.add_column(col)
-        for r in rep.headline:
-            tab.add_row(r["finding"], r["ours"], r["paper"])
-        out.append(tab)
+        out.append(_headline_table(rep))
     if rep.index is not None:
         out.append(Text(f"index: {rep.index}", style="bold"))
     return out

@@ -100,4 +100,11 @@ def heatmap_size(n_rows: int, n_cols: int, row_label: int = 14, col_label: int =
     """(width, height) in inches for a heatmap: 0.45 in per column, 0.28 in per row, plus label room."""
     w = 1.6 + 0.075 * row_label + 0.45 * n_cols + 1.2
     h = 1.2 + 0.07 * col_label + 0.28 * n_rows
-    return max(w, 4.5), max(h, 2.6)
+    return max(w, 6.0), max(h, 3.4)
+
+
+def outline(ax, i: int, j: int, color: str = "tab:cyan", lw: float = 1.8) -> None:
+    """Outline cell (row i, column j) of a heatmap, inset so neighbouring outlines stay apart."""
+    from matplotlib.patches import Rectangle
+
+    ax.add_patch(Rectangle((j - 0.44, i - 0.44), 0.88, 0.88, fill=False, edgecolor=color, lw=lw))

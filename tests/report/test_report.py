@@ -186,3 +186,72 @@ def test_steer_heatmaps_and_specificity(tmp_path):
     assert rep.headline[0]["ours"].startswith("3/3 tasks") and "2/3 tasks have executors" in rep.headline[0]["ours"]
     names = [f.files[0].name for f in sec.figures]
     assert names == [f"steer-{art.key[:8]}-executor.png", f"steer-{art.key[:8]}-executor-normalised.png"]
+
+
+def _steer_art(s, mode="executor", ids=(10, 11)):
+    from icl_cli.steer import SteerResult, write_h5
+
+    sel = {"a": [ids[0]], "b": [ids[1]]}
+    r = SteerResult(mode, 2, "toy-icl", ["a", "b"], list(ids), torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2),
+                    torch.zeros(2), sel, sel, 15.0, torch.eye(2), None, 0.2, 0.5)
+
+    def build(st):
+        with st.h5("steer.h5") as f:
+            write_h5(f, r)
+
+    return s.run(StepSpec("steer", {"mode": mode}, {}, 1), build).artifact
+
+
+def test_ablate_mass_cross_task_and_link(tmp_path):
+    from icl_cli.ablate import AblateParams, AblateResult
+    from icl_cli.ablate import write_h5 as write_ablate
+    from icl_cli.ablate_link import LinkResult
+    from icl_cli.ablate_link import write_h5 as write_link
+    from icl_cli.ablate_mass import MassResult
+    from icl_cli.ablate_mass import write_h5 as write_mass
+    from icl_cli.report import build_report
+
+    s = Store(tmp_path / "store")
+    ex = _steer_art(s)
+    mass_a, mass_b = torch.zeros(6, 1), torch.zeros(6, 1)
+    mass_a[3, 0], mass_a[4, 0] = 9.0, 1.0  # task a: arrow 9, output 1
+    mass_b[3, 0], mass_b[4, 0] = 1.0, 1.0  # task b: arrow 1, output 1
+
+    def mass(st):
+        with st.h5("mass.h5") as f:
+            write_mass(f, MassResult(["a", "b"], {"a": [10], "b": [11]}, {"a": mass_a, "b": mass_b}))
+
+    nan = float("nan")
+    base = {"nll": torch.tensor([1.0, 2.0]), "acc": torch.ones(2), "apl": torch.zeros(2)}
+    abl = {"nll": torch.tensor([[1.5, 2.1], [1.2, 3.0]]), "acc": torch.ones(2, 2), "apl": torch.zeros(2, 2)}
+
+    def cross(st):
+        with st.h5("ablate.h5") as f:
+            write_ablate(f, AblateResult(["a", "b"], ["a", "b"], base, abl, {}), AblateParams(cross_task=True))
+
+    before = torch.tensor([[4.0, 0.0], [0.0, 2.0]])  # [T, E]
+    after = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[4.0, 0.0], [0.0, 0.5]]])  # [D, T, E]
+
+    def link(st):
+        with st.h5("link.h5") as f:
+            write_link(f, LinkResult(["a", "b"], [20, 21], [10, 11], before, after, torch.eye(2, dtype=torch.bool),
+                                     torch.eye(2, dtype=torch.bool)), "project", 25.0, (1, 2))
+
+    m = s.run(StepSpec("ablate", {"kind": "mass", "set": "selected"}, {"features0": ex}, 1), mass).artifact
+    c = s.run(StepSpec("ablate", {"kind": "features", "set": "selected", "cross_task": True, "roles": ["arrow"]},
+                       {"features0": ex}, 1), cross).artifact
+    det = _steer_art(s, "detector", (20, 21))
+    lk = s.run(StepSpec("ablate", {"kind": "link"}, {"features0": det, "features1": ex}, 1), link).artifact
+    rep = build_report(s, [m.key, c.key, lk.key], out=tmp_path / "rep")
+    mass_sec, cross_sec, link_sec = rep.sections
+    assert mass_sec.summary["percent"]["arrow"] == pytest.approx(100 * 10 / 12)  # summed over tasks, then shared
+    assert mass_sec.summary["headline"][0]["ours"].startswith("83.3% (2 tasks, 2 features)")
+    assert "89.8%" in mass_sec.summary["headline"][0]["paper"]
+    # own-task Δnll: a on a +0.5, b on b +1.0; others: a on b +0.1, b on a +0.2
+    assert cross_sec.summary["own_mean_delta_nll"] == pytest.approx(0.75)
+    assert cross_sec.summary["other_mean_delta_nll"] == pytest.approx(0.15)
+    # ratio[d, e] over e's own task: d20 on e10 = 1/4, d21 on e11 = 0.5/2 (own); d20 on e11 = 2/2, d21 on e10 = 4/4
+    assert link_sec.summary["own_mean_ratio"] == pytest.approx(0.25)
+    assert link_sec.summary["other_mean_ratio"] == pytest.approx(1.0)
+    assert [f.files[0].name.split("-", 2)[2] for s_ in rep.sections for f in s_.figures] == ["mass.png", "cross-task.png", "link.png"]
+    assert "20 (a)" in [t for t in link_sec.tables if t.title.startswith("own-task")][0].rows[0][0]  # detector named by its task

@@ -41,10 +41,11 @@ def sweep_points(results: dict) -> tuple[list[float], np.ndarray] | None:
 @register("clean")
 class CleanRenderer(Renderer):
     def build(self, art, out: Path | None) -> Section:
-        from icl_cli.clean import read_h5, summary_json
+        from icl_cli.clean_io import flag_note, l1_text, read_h5, read_meta, summary_json
 
         layer, results = read_h5(art.file("clean.h5"))
-        data = summary_json(art.key, layer, results)
+        data = summary_json(art.key, layer, results, read_meta(art.file("clean.h5")))
+        lam = l1_text(data)
         m = data["mean"]
         what = "detector" if art.params.get("detectors") else "task"
         summary = {"layer": layer, "detectors": bool(art.params.get("detectors")), "l1": art.params.get("l1"), "mean": m,
@@ -57,12 +58,13 @@ class CleanRenderer(Renderer):
             "paper": "50–80% fewer features than the reconstruction at the raw TV's loss (layer 12: under 4 vs about 15)"}]
         sec = Section(art.key, art.step, f"{what.capitalize()} vector cleaning at layer {layer}", summary)
         sec.notes.append(f"Mean over {len(results)} tasks: L0 {m['l0_recon']:.1f} (SAE reconstruction) → {m['l0_cleaned']:.1f} "
-                         f"(cleaned, λ = {art.params.get('l1')}), {100 * summary['l0_reduction']:.0f}% fewer features; "
-                         f"held-out nll raw TV {m['nll_tv']:.3f}, cleaned {m['nll_cleaned']:.3f}, 0-shot {m['nll_zero_shot']:.3f}.")
+                         f"(cleaned, {lam}), {100 * summary['l0_reduction']:.0f}% fewer features; "
+                         f"held-out nll raw TV {m['nll_tv']:.3f}, cleaned {m['nll_cleaned']:.3f}, 0-shot {m['nll_zero_shot']:.3f}; "
+                         f"{flag_note(data)}.")
         sec.tables.append(self._table(results))
         sec.contexts += self._contexts(art, results)
         if out is not None:
-            sec.figures.append(self._sweep_figure(art, results, out))
+            sec.figures.append(self._sweep_figure(art, results, out, lam))
             sec.figures.append(self._l0_figure(art, results, out))
         return sec
 
@@ -98,7 +100,7 @@ class CleanRenderer(Renderer):
         return out
 
     @staticmethod
-    def _sweep_figure(art, results, out: Path) -> Figure:
+    def _sweep_figure(art, results, out: Path, lam: str) -> Figure:
         from icl_cli.report.figures import plt, save
 
         p = plt()
@@ -112,12 +114,12 @@ class CleanRenderer(Renderer):
             lams, sp = sw
             mean = sp.mean(0)
             ax.plot(mean[:, 0], mean[:, 1], color="tab:blue", lw=1.2, ls="--", marker=".", label="cleaning, λ sweep (mean)")
-            for lam, (x, y) in zip(lams, mean):
-                ax.annotate(f"λ = {lam:g}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8, color="tab:blue")
+            for l1v, (x, y) in zip(lams, mean):
+                ax.annotate(f"λ = {l1v:g}", (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8, color="tab:blue")
         for m, xy in pts.items():
             label, color, marker = _METHOD_STYLE[m]
             if m == "cleaned":
-                label += f" (λ = {art.params.get('l1')})"
+                label += f" ({lam if len(lam) < 24 else 'λ auto'})"
             ax.scatter(xy[:, 0], xy[:, 1], color=color, marker=marker, s=14, alpha=0.3, lw=0)
             ax.scatter(*xy.mean(0), color=color, marker=marker, s=90, edgecolor="black", lw=0.8, label=label + " — mean", zorder=5)
         ax.set_xlabel("L0 fraction (active features / those of the SAE reconstruction)")

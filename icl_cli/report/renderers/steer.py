@@ -57,9 +57,7 @@ class SteerRenderer(Renderer):
 
     @staticmethod
     def _heatmap(art, r, out: Path, normalise: bool) -> Figure:
-        from matplotlib.patches import Rectangle
-
-        from icl_cli.report.figures import heatmap, plt, save, task_label
+        from icl_cli.report.figures import heatmap, outline, plt, save, task_label
         from icl_cli.steer import normalise_rows
         from icl_cli.steer_view import column_order
 
@@ -78,7 +76,7 @@ class SteerRenderer(Renderer):
             own = set(r.selected.get(t, []))
             for k, j in enumerate(cols):
                 if r.features[j] in own:
-                    ax.add_patch(Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:cyan", lw=1.4))
+                    outline(ax, i, k, "tab:cyan")
         shown = f"{len(cols)} of {len(r.features)} features" if len(cols) < len(r.features) else f"{len(cols)} features"
         where = "the dummy example's output token" if r.mode == "detector" else "the arrow"
         ax.set_xlabel(f"SAE feature id ({shown}, grouped by the task each helps most)")

@@ -1,0 +1,224 @@
+"""ablate: activation mass by token role (SPEC §8), the cross-task ablation matrix (§7) and the
+detector → executor link (§8), one renderer for the three kinds of ablate artifact.
+
+Figures: stacked bars of the mass per role (all tasks, then each task); the Δnll matrix (ablate
+the features of the row's task, measure the column's task); the link matrix after/before of each
+executor's activation at the arrows when a detector's direction is removed at the outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from icl_cli.report.base import Figure, Renderer, Section, Table, fmt, register
+
+ROLE_COLOURS = {"none": "#bbbbbb", "prompt": "#8c564b", "input": "#1f77b4", "arrow": "#d62728", "output": "#2ca02c",
+                "newline": "#9467bd"}
+PAPER_MASS = {"executors": ("arrow", 89.8, 12), "detectors": ("output", 96.8, 11)}
+
+
+def _feature_tasks(art) -> dict[int, str]:
+    """feature id -> the first task that selects it, from the steer artifacts this one was made from."""
+    from icl_cli.ablate_sets import read_steer
+
+    out: dict[int, str] = {}
+    for key in art.inputs.values():
+        src = art.store.get(key)
+        if src is not None and src.step == "steer":
+            for t, ids in read_steer(src.file("steer.h5")).selected.items():
+                for f in ids:
+                    out.setdefault(int(f), t)
+    return out
+
+
+def _what(art) -> str:
+    """executors | detectors | kept features | given features, from the artifact's feature source."""
+    src = art.store.get(art.inputs.get("features0", "")) if art.inputs.get("features0") else None
+    if src is not None and src.step == "steer":
+        mode = src.params.get("mode")
+        if art.params.get("set") == "kept":
+            return "kept features"
+        return {"executor": "executors", "detector": "detectors"}.get(mode, "selected features")
+    return "kept features" if src is not None and src.step == "clean" else "given features"
+
+
+@register("ablate")
+class AblateRenderer(Renderer):
+    def build(self, art, out: Path | None) -> Section:
+        kind = art.params.get("kind")
+        if kind == "mass":
+            return self._mass(art, out)
+        if kind == "link":
+            return self._link(art, out)
+        return self._features(art, out)
+
+    # ---- activation mass -----------------------------------------------------------------
+    def _mass(self, art, out: Path | None) -> Section:
+        from icl_cli.ablate_mass import ROW_NAMES, read_h5
+
+        r = read_h5(art.file("mass.h5"))
+        what = _what(art)
+        overall = r.percent()
+        sec = Section(art.key, art.step, f"Activation mass by token role: {what}", {"set": what, "percent": overall,
+                      "tasks": {t: r.percent(t) for t in r.tasks}})
+        top = max(overall, key=overall.get)
+        sec.notes.append(f"{what.capitalize()} of {len(r.tasks)} tasks on their own few-shot prompts: "
+                         + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(overall.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+                         + f" (most on {top} tokens).")
+        if what in PAPER_MASS:
+            role, paper, layer = PAPER_MASS[what]
+            n_feats = sum(len(v) for v in r.features.values())
+            sec.summary["headline"] = [{"finding": f"Activation mass of {what} on {role} tokens",
+                                        "ours": f"{overall[role]:.1f}% ({len(r.tasks)} tasks, {n_feats} features)",
+                                        "paper": f"{paper}% (layer {layer})"}]
+        rows = [["all tasks", *(f"{overall[k]:.1f}" for k in ROW_NAMES), str(sum(len(v) for v in r.features.values()))]]
+        rows += [[t, *(f"{r.percent(t)[k]:.1f}" for k in ROW_NAMES), str(len(r.features[t]))] for t in r.tasks]
+        sec.tables.append(Table(f"share of the activation of the {what} per token role (%)", ["task", *ROW_NAMES, "features"], rows))
+        if out is not None:
+            sec.figures.append(self._mass_figure(art, r, what, out))
+        return sec
+
+    @staticmethod
+    def _mass_figure(art, r, what: str, out: Path) -> Figure:
+        from icl_cli.ablate_mass import ROW_NAMES
+
+        from icl_cli.report.figures import plt, save, task_label
+
+        p = plt()
+        labels = ["all tasks"] + [task_label(t) for t in r.tasks]
+        shares = np.array([[r.percent()[k] for k in ROW_NAMES]] + [[r.percent(t)[k] for k in ROW_NAMES] for t in r.tasks])
+        fig, ax = p.subplots(figsize=(8.5, 1.4 + 0.32 * len(labels)))
+        left = np.zeros(len(labels))
+        y = np.arange(len(labels))
+        for j, role in enumerate(ROW_NAMES):
+            ax.barh(y, shares[:, j], left=left, color=ROLE_COLOURS[role], label=role, height=0.7)
+            for i in np.nonzero(shares[:, j] >= 8)[0]:  # the share written on segments wide enough for it
+                ax.text(left[i] + shares[i, j] / 2, y[i], f"{shares[i, j]:.0f}%", ha="center", va="center", fontsize=8,
+                        color="white" if role not in ("none",) else "black")
+            left += shares[:, j]
+        ax.set_yticks(y, labels=labels)
+        ax.get_yticklabels()[0].set_fontweight("bold")
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("share of the features' summed activation (%)")
+        ax.grid(axis="y", visible=False)
+        ax.set_title(f"Activation mass by token role: {what} on their tasks' few-shot prompts")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="token role")
+        files = save(fig, out, f"ablate-{art.key[:8]}-mass")
+        return Figure(f"Activation mass by role ({what})", "Summed activation of each task's feature set over the tokens of "
+                      "each role of its few-shot prompts, as a share of the total (SPEC §8).", files)
+
+    # ---- feature-set ablation (the cross-task matrix) -------------------------------------
+    def _features(self, art, out: Path | None) -> Section:
+        from icl_cli.ablate import read_h5
+
+        r = read_h5(art.file("ablate.h5"))
+        what = _what(art)
+        base = r.base["nll"].numpy()
+        delta = r.ablated["nll"].numpy() - base[None, :]
+        own = np.array([[s == t for t in r.tasks] for s in r.sets])
+        roles = art.params.get("roles", ["arrow"])
+        summary = {"set": what, "sets": r.sets, "tasks": r.tasks, "delta_nll": delta.tolist(), "roles": roles}
+        sec = Section(art.key, art.step, f"Ablating {what} at {', '.join(roles)} tokens"
+                      + (" (cross-task)" if art.params.get("cross_task") else ""), summary)
+        d_own = delta[own & np.isfinite(delta)]
+        d_other = delta[~own & np.isfinite(delta)]
+        if d_own.size:
+            summary["own_mean_delta_nll"] = float(d_own.mean())
+            text = f"Ablating a task's {what} raises its own nll by {d_own.mean():+.3f} nats on average"
+            if d_other.size:
+                summary["other_mean_delta_nll"] = float(d_other.mean())
+                text += f", other tasks' by {d_other.mean():+.3f}"
+                summary["headline"] = [{"finding": f"Cross-task ablation of {what} (few-shot prompts)",
+                                        "ours": f"own task Δnll {d_own.mean():+.3f}, other tasks {d_other.mean():+.3f} nats",
+                                        "paper": "ablating a task's executors hurts that task most (qualitative, cross-task matrix)"}]
+            sec.notes.append(text + ".")
+        rows = [[s, t, fmt(float(base[j]), 3), fmt(float(r.ablated["nll"][i, j]), 3), f"{delta[i, j]:+.3f}"]
+                for i, s in enumerate(r.sets) for j, t in enumerate(r.tasks) if np.isfinite(delta[i, j]) and (own[i, j] or not own.any())]
+        sec.tables.append(Table(f"nll of few-shot prompts with the {what} ablated", ["features of", "measured on", "nll clean",
+                                                                                   "nll ablated", "Δnll"], rows, align="llrrr"))
+        if art.params.get("cross_task") and len(r.sets) > 1:
+            from icl_cli.report.terminal import heatmap as term_heatmap
+
+            sec.terminal.append(term_heatmap("Δnll: ablate the row's features, measure the column's task", delta, r.sets,
+                                             [str(k + 1) for k in range(len(r.tasks))], digits=2,
+                                             caption="columns: " + ", ".join(f"{k + 1} {t}" for k, t in enumerate(r.tasks))))
+            if out is not None:
+                sec.figures.append(self._cross_figure(art, r, delta, own, what, out))
+        return sec
+
+    @staticmethod
+    def _cross_figure(art, r, delta, own, what: str, out: Path) -> Figure:
+        from icl_cli.report.figures import heatmap, heatmap_size, outline, plt, save, task_label
+
+        p = plt()
+        rows, cols = [task_label(s) for s in r.sets], [task_label(t) for t in r.tasks]
+        fig, ax = p.subplots(figsize=heatmap_size(len(rows), len(cols), max(map(len, rows)), max(map(len, cols))))
+        heatmap(ax, delta, rows, cols, cmap="RdBu_r", center=0.0, cbar="Δnll, ablated − clean (nats)", fmt="{:+.2f}",
+                annotate=len(cols) <= 12)
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if own[i, j]:
+                    outline(ax, i, j, "black")
+        ax.set_xlabel("task measured")
+        ax.set_ylabel(f"task whose {what}\nare ablated")
+        ax.set_title(f"Cross-task ablation ({what} at {', '.join(art.params.get('roles', ['arrow']))} tokens)")
+        files = save(fig, out, f"ablate-{art.key[:8]}-cross-task")
+        return Figure("Cross-task ablation matrix", f"Change of the few-shot loss of the column's task when the {what} of the "
+                      "row's task are ablated (SPEC §7); outlined: the task's own features.", files)
+
+    # ---- detector → executor link ----------------------------------------------------------
+    def _link(self, art, out: Path | None) -> Section:
+        from icl_cli.ablate_link import read_h5
+
+        r, attrs = read_h5(art.file("link.h5"))
+        ratio = r.ratio.numpy()
+        own_m, other_m, n_own, n_other = r.own_vs_other()
+        summary = {"detectors": r.detectors, "executors": r.executors, "ratio": np.where(np.isfinite(ratio), ratio, None).tolist(),
+                   "own_mean_ratio": own_m, "other_mean_ratio": other_m, "n_own": n_own, "n_other": n_other,
+                   "removal": attrs.get("removal")}
+        sec = Section(art.key, art.step, f"Detector → executor link (detectors at resid_pre[{attrs.get('detector_layer')}], "
+                      f"executors at resid_pre[{attrs.get('executor_layer')}])", summary)
+        sec.notes.append(f"Removing a detector's direction ({attrs.get('removal')}) at the output tokens leaves its own task's "
+                         f"executors at {own_m:.2f} of their arrow activation ({n_own} pairs), other pairs at {other_m:.2f} "
+                         f"({n_other} pairs).")
+        summary["headline"] = [{"finding": "Detector → executor effect (executor activation after / before removing a detector)",
+                                "ours": f"own-task pairs {own_m:.2f}, other pairs {other_m:.2f}",
+                                "paper": "removing a task's detectors lowers its executors' activation much more than other "
+                                         "tasks' (qualitative, link matrix)"}]
+        names = _feature_tasks(art)
+        rows = [[f"{d}" + (f" ({names[d]})" if d in names else ""), f"{e}" + (f" ({names[e]})" if e in names else ""),
+                 fmt(float(ratio[i, j]), 3), "yes" if bool(r.own[i, j]) else ""]
+                for i, d in enumerate(r.detectors) for j, e in enumerate(r.executors) if bool(r.own[i, j])]
+        sec.tables.append(Table("own-task pairs: executor activation at the arrows after / before the detector's removal",
+                                ["detector", "executor", "after / before", "own"], rows, align="llrl"))
+        if out is not None and len(r.detectors) and len(r.executors):
+            sec.figures.append(self._link_figure(art, r, ratio, names, out))
+        return sec
+
+    @staticmethod
+    def _link_figure(art, r, ratio, names: dict, out: Path) -> Figure:
+        from icl_cli.report.figures import heatmap, outline, plt, save, task_label
+
+        p = plt()
+        lab = lambda f: f"{f} ({task_label(names[f])})" if f in names else str(f)  # noqa: E731
+        rows, cols = [lab(d) for d in r.detectors], [lab(e) for e in r.executors]
+        many = len(cols) > 30
+        w = 2.4 + 0.075 * max(map(len, rows)) + 0.24 * len(cols) + 1.0
+        fig, ax = p.subplots(figsize=(max(w, 6), 1.8 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
+        heatmap(ax, ratio, rows, cols if not many else [str(e) for e in r.executors], cmap="viridis", vmin=0,
+                vmax=max(1.0, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0),
+                cbar="executor activation after / before", annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if bool(r.own[i, j]):
+                    outline(ax, i, j, "tab:red")
+        ax.set_xlabel("executor feature (its task)")
+        ax.set_ylabel("detector feature removed (its task)")
+        ax.set_title("Detector → executor link: activation kept at the arrows")
+        files = save(fig, out, f"ablate-{art.key[:8]}-link")
+        return Figure("Detector → executor link matrix", "Each executor's summed activation at the arrows of its tasks' "
+                      "prompts after a detector's direction is removed at the output tokens, divided by the clean one "
+                      "(SPEC §8; 1 = no effect). Outlined: pairs of the same task.", files)
