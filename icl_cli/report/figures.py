@@ -108,3 +108,14 @@ def outline(ax, i: int, j: int, color: str = "tab:cyan", lw: float = 1.8) -> Non
     from matplotlib.patches import Rectangle
 
     ax.add_patch(Rectangle((j - 0.44, i - 0.44), 0.88, 0.88, fill=False, edgecolor=color, lw=lw))
+
+
+def plain_log_axis(ax, axis: str = "x") -> None:
+    """Log scale with ticks written as plain numbers (1, 2, 5, 10, 20, …) instead of 2×10⁰."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    a.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(NullFormatter())

@@ -255,3 +255,33 @@ def test_ablate_mass_cross_task_and_link(tmp_path):
     assert link_sec.summary["other_mean_ratio"] == pytest.approx(1.0)
     assert [f.files[0].name.split("-", 2)[2] for s_ in rep.sections for f in s_.figures] == ["mass.png", "cross-task.png", "link.png"]
     assert "20 (a)" in [t for t in link_sec.tables if t.title.startswith("own-task")][0].rows[0][0]  # detector named by its task
+
+
+def test_circuit_sweep_size_and_graph(tmp_path, monkeypatch):
+    from icl_cli.circuit.graph import CircuitGraph, write_h5
+    from icl_cli.report import build_report
+
+    g = CircuitGraph(site=np.array(["resid", "attn", "resid", "transcoder", "resid"]), layer=np.array([1, 1, 2, 2, 2]),
+                     role=np.array(["output", "arrow", "arrow", "arrow", "arrow"]), feature=np.array([5, 7, 9, 3, -1]),
+                     ie=np.array([0.5, -0.2, 0.9, 0.1, 0.05], dtype=np.float32), act=np.ones(5, dtype=np.float32),
+                     selected=np.array([True, True, True, False, True]),
+                     edge_src=np.array([0, 1]), edge_dst=np.array([2, 2]), edge_weight=np.array([0.4, -0.1], dtype=np.float32),
+                     sweep_threshold=np.array([1.0, 0.5, 0.2, 0.0]), sweep_n_nodes=np.array([0, 1, 2, 4]),
+                     sweep_faithfulness=np.array([0.0, 0.6, 0.85, 1.0]),
+                     prompts=["x -> y"], attrs={"model": "toy-icl", "tasks": ["antonyms"], "faithfulness": 0.85,
+                                                "threshold": 0.2, "metric": "all_pairs_logprob", "m_full": -1.0, "m_empty": -5.0})
+    s = Store(tmp_path / "store")
+
+    def build(st):
+        with st.h5("circuit.h5") as f:
+            write_h5(f, g)
+
+    art = s.run(StepSpec("circuit", {"tasks": ["antonyms"]}, {}, 1), build).artifact
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no Graphviz: the drawn layout
+    rep = build_report(s, [art.key], out=tmp_path / "rep")
+    sec = rep.sections[0]
+    assert sec.summary["nodes_at_0.8"] == 2  # the smallest swept size with F ≥ 0.8
+    assert sec.summary["n_feature_nodes"] == 4 and sec.summary["n_selected"] == 3
+    assert rep.headline[0]["ours"].startswith("2 of 4 feature nodes")
+    assert [f.files[0].name for f in sec.figures] == [f"circuit-{art.key[:8]}-faithfulness.png", f"circuit-{art.key[:8]}-graph.png"]
+    assert sec.tables[0].rows[0][:4] == ["resid", "2", "arrow", "9"]  # largest |IE| first

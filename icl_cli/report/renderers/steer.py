@@ -100,7 +100,7 @@ class SteerRenderer(Renderer):
                          f"{float(acc[:, -1].mean()):.2f} with the task direction subtracted at scale {float(r.scales[-1]):g}.")
         sec.terminal.append(negative_table(r, art.key))
         if out is not None:
-            from icl_cli.report.figures import plt, save
+            from icl_cli.report.figures import plain_log_axis, plt, save
 
             p = plt()
             fig, axes = p.subplots(1, 2, figsize=(10, 3.8))
@@ -112,7 +112,7 @@ class SteerRenderer(Renderer):
                     ax.plot(s[1:], row[1:], color="tab:blue", alpha=0.2, lw=0.8)
                 ax.plot(s[1:], full[:, 1:].mean(0), color="tab:blue", lw=2.2, marker="o", label="mean over tasks")
                 ax.axhline(full[:, 0].mean(), color="tab:green", ls=":", label="unsteered")
-                ax.set_xscale("log")
+                plain_log_axis(ax, "x")
                 ax.set_xlabel("scale s of the subtracted task direction")
                 ax.set_ylabel(unit)
             axes[0].legend()
