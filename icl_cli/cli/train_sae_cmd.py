@@ -51,17 +51,20 @@ def register(app: typer.Typer) -> None:
             raise IclError("--checkpoint-every must be ≥ 0")
 
         from icl_cli.cli.common import load_lm
-        from icl_cli.train_sae.run import train_sae_artifacts
-
-        lm = load_lm(gl, model)
         from icl_cli.core.layers import parse_layers
 
-        cfg.layers = parse_layers(layer, lm.n_layers)
-        if not cfg.layers:
-            raise IclError("give at least one --layer")
-        with _progress_bar(gl) as progress:
-            results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
-                                          progress=progress, log=lambda m: stderr_console().print(m, style="dim", markup=False))
+        say = lambda m: stderr_console().print(m, style="dim", markup=False)  # noqa: E731
+        results = None if force else _all_reused(gl, cfg, layer, name, say)
+        if results is None:
+            from icl_cli.train_sae.run import train_sae_artifacts
+
+            lm = load_lm(gl, model)
+            cfg.layers = parse_layers(layer, lm.n_layers)
+            if not cfg.layers:
+                raise IclError("give at least one --layer")
+            with _progress_bar(gl) as progress:
+                results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
+                                              progress=progress, log=say)
 
         def row(r):
             m = r.metrics
@@ -85,6 +88,41 @@ def register(app: typer.Typer) -> None:
 
         data = [{"key": r["key"], "metrics": r["metrics"]} for r in rows]
         emit(gl, data=data[0] if len(data) == 1 else data, table=table, keys=[r["key"] for r in rows])
+
+
+def _all_reused(gl, cfg, layer: List[str], name: Optional[str], say):
+    """The artifacts of every requested layer when all exist, found from the model's config and
+    this machine without loading the model or importing torch; None when any is missing or the
+    key cannot be known that way (then the ordinary path loads the model and decides)."""
+    from dataclasses import replace
+
+    from icl_cli.cli.fastpath import cpu_device_dtype
+    from icl_cli.core.identity import model_info
+    from icl_cli.core.layers import parse_layers
+    from icl_cli.train_sae.run import SaeArtifact, layer_spec
+
+    cpu = cpu_device_dtype(gl)
+    if cpu is None:
+        return None
+    fingerprint, n_layers, d_model = model_info(cfg.model, gl.trust_remote_code)
+    if fingerprint is None:
+        return None
+    layers = parse_layers(layer, n_layers)
+    if not layers:
+        return None
+    resolved = replace(cfg, layers=layers).resolved(d_model, n_layers)
+    ident = {"model_fingerprint": fingerprint, "dtype": cpu[1], "device": cpu[0]}
+    store = gl.store()
+    arts = {l: store.lookup(layer_spec(resolved, l, ident)) for l in resolved.layers}
+    if any(a is None for a in arts.values()):
+        return None
+    out = []
+    for l, art in arts.items():
+        say(f"reusing {art.key[:12]} (step train-sae); pass --force to retrain")
+        if name is not None:
+            store.tag(art, name if len(arts) == 1 else f"{name}.{l}")
+        out.append(SaeArtifact(l, art.key, dict(art.metrics), True))
+    return out
 
 
 class _progress_bar:

@@ -8,6 +8,8 @@ from icl_cli.errors import IclError
 
 SITE_KINDS = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder"}
 TOY = "toy-icl"
+ARCH_NAMES = ("gated", "jumprelu", "standard", "topk")
+"""The architectures of icl_cli.dictionaries.ARCHS, named without importing it (it needs torch)."""
 
 
 @dataclass
@@ -69,11 +71,10 @@ class TrainConfig:
         return self.model == TOY
 
     def resolved(self, d_model: int, n_layers: int) -> "TrainConfig":
-        """A copy with every default filled in from the model, checked against it."""
-        from icl_cli.dictionaries import ARCHS
-
-        if self.arch not in ARCHS:
-            raise IclError(f"unknown architecture {self.arch!r}; use one of {', '.join(sorted(ARCHS))}")
+        """A copy with every default filled in from the model, checked against it (torch is
+        imported only to read an architecture's default coefficient, when --l1 is not given)."""
+        if self.arch not in ARCH_NAMES:
+            raise IclError(f"unknown architecture {self.arch!r}; use one of {', '.join(sorted(ARCH_NAMES))}")
         bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
             raise IclError(f"layer {bad[0]} is out of range: {self.model} has layers 0..{n_layers - 1}")
@@ -81,7 +82,10 @@ class TrainConfig:
         c.layers = sorted(set(self.layers))
         c.width = self.width or 16 * d_model
         c.tokens = self.tokens or (2_000_000 if self.is_toy else 300_000_000)
-        c.l1 = self.l1 if self.l1 is not None else ARCHS[self.arch].default_coeff
+        if self.l1 is None:
+            from icl_cli.dictionaries import ARCHS
+
+            c.l1 = ARCHS[self.arch].default_coeff
         if c.dataset is None:
             c.dataset = "tasks" if self.is_toy else "HuggingFaceFW/fineweb"
         if c.arch == "topk" and c.k > c.width:

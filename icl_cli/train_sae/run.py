@@ -41,6 +41,14 @@ def _write(st, r) -> dict:
     return r.metrics
 
 
+def layer_spec(cfg: TrainConfig, layer: int, ident: dict):
+    """The store step of one layer's dictionary; ``cfg`` resolved, ``ident`` = model_fingerprint,
+    dtype and device as strings (what the activations come from)."""
+    from icl_cli.store import StepSpec
+
+    return StepSpec(step="train-sae", params={**cfg.params(layer), **ident}, version=VERSION)
+
+
 def train_sae_artifacts(
     store, cfg: TrainConfig, lm, resume: bool = False, name: str | None = None, force: bool = False,
     progress: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
@@ -54,7 +62,7 @@ def train_sae_artifacts(
     # the weights and precision the activations come from are part of what an SAE is
     fingerprint = model_fingerprint(lm.model)
     ident = {"model_fingerprint": fingerprint, "dtype": str(lm.dtype), "device": str(lm.device)}
-    specs = {l: StepSpec(step="train-sae", params={**cfg.params(l), **ident}, version=VERSION) for l in cfg.layers}
+    specs = {l: layer_spec(cfg, l, ident) for l in cfg.layers}
     pending = [l for l in cfg.layers if force or store.lookup(specs[l]) is None]
     trained: dict[int, Any] = {}
 
