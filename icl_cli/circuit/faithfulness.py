@@ -1,0 +1,174 @@
+"""Faithfulness of node sets and node selection (SPEC §7; Marks et al. 2024, §3).
+
+1. Ablating a feature node (site, layer, group, feature) sets that feature to its baseline a′ at
+   the tokens of its group (splice.Ablating); error nodes are always kept (each site's error is
+   recomputed in the ablated pass itself).
+2. m(C): the metric when every feature node outside C is ablated; m(M) = nothing ablated (the
+   unmodified model), m(∅) = every feature node ablated.
+   F(C) = (m(C) − m(∅)) / (m(M) − m(∅)), so F(M) = 1 and F(∅) = 0 by construction.
+3. Ranking: feature nodes sorted by |IE| (largest first); C_n = the top n, threshold = |IE| of
+   the n-th node.
+4. Selection: F(C_n) on a log-spaced grid of n (the |IE| threshold sweep), then a bisection on n
+   between the last grid point below the target and the first one at or above it; the circuit is
+   the smallest C_n seen with F ≥ target (paper: 0.95). Every evaluated point is kept (the sweep).
+5. Curves: F(C_n) ("keep the top n") and F(M \\ C_n) ("ablate the top n") for n on a grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from icl_cli.circuit.splice import Ablating, Baseline, Groups, Key, ordered, splice_edits
+from icl_cli.core.batch import PromptBatch
+from icl_cli.core.metrics import all_pairs_logprob
+from icl_cli.core.sites import HookedModel
+from icl_cli.errors import IclError
+
+
+@dataclass
+class Ranking:
+    """Feature nodes sorted by |IE|, largest first: parallel [N] tensors."""
+
+    keys: list[Key]
+    shapes: dict[Key, tuple[int, int]]  # key -> (G, F)
+    key_idx: Tensor
+    group: Tensor
+    feature: Tensor
+    ie: Tensor
+
+    @classmethod
+    def of(cls, ie: Mapping[Key, Tensor]) -> "Ranking":
+        keys = ordered(ie)
+        k_idx, grp, feat, vals = [], [], [], []
+        for i, k in enumerate(keys):
+            t = ie[k].detach().float().cpu()
+            G, F = t.shape
+            k_idx.append(torch.full((G * F,), i, dtype=torch.long))
+            grp.append(torch.arange(G).repeat_interleave(F))
+            feat.append(torch.arange(F).repeat(G))
+            vals.append(t.reshape(-1))
+        v = torch.cat(vals)
+        order = torch.argsort(v.abs(), descending=True, stable=True)
+        return cls(keys, {k: tuple(ie[k].shape) for k in keys}, torch.cat(k_idx)[order], torch.cat(grp)[order],
+                   torch.cat(feat)[order], v[order])
+
+    def __len__(self) -> int:
+        return int(len(self.ie))
+
+    @property
+    def n_nonzero(self) -> int:
+        return int((self.ie != 0).sum())
+
+    def threshold(self, n: int) -> float:
+        """|IE| of the n-th node (inf for n = 0)."""
+        return float("inf") if n <= 0 else float(self.ie[min(n, len(self)) - 1].abs())
+
+    def mask(self, n: int, keep: bool, device=None) -> dict[Key, Tensor]:
+        """Ablation masks [G,F] per key: keep=True ablates all but the top n, else only the top n."""
+        out = {k: torch.full(self.shapes[k], keep, dtype=torch.bool) for k in self.keys}
+        for i, k in enumerate(self.keys):
+            top = self.key_idx[:n] == i
+            out[k][self.group[:n][top], self.feature[:n][top]] = not keep
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def ablated_metric(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key, object], groups: Groups,
+                   base: Baseline, ablate: Mapping[Key, Tensor]) -> float:
+    """m with the marked feature nodes ablated (step 1); one forward pass, no gradients."""
+    keys = [k for k in ordered(dicts) if k in ablate and bool(ablate[k].any())]
+    h = Ablating(dicts, groups, base, ablate)
+    out = hm.run(batch.input_ids, batch.attention_mask, edit=splice_edits(keys, h))
+    return float(all_pairs_logprob(out.logits, batch))
+
+
+@dataclass
+class Faith:
+    """The two reference points of step 2 and F for any node set."""
+
+    m_full: float
+    m_empty: float
+
+    def __call__(self, m: float) -> float:
+        return (m - self.m_empty) / (self.m_full - self.m_empty)
+
+
+def reference(hm: HookedModel, batch: PromptBatch, dicts, groups: Groups, base: Baseline, r: Ranking) -> Faith:
+    dev = groups.index.device
+    m_full = ablated_metric(hm, batch, dicts, groups, base, r.mask(len(r), keep=True, device=dev))
+    m_empty = ablated_metric(hm, batch, dicts, groups, base, r.mask(0, keep=True, device=dev))
+    if not abs(m_full - m_empty) > 1e-6:
+        raise IclError(f"ablating every feature leaves the metric at {m_full:.4f}: faithfulness is undefined; "
+                       "use more layers (--layers) or --baseline zero")
+    return Faith(m_full, m_empty)
+
+
+@dataclass
+class Selection:
+    n: int
+    threshold: float
+    faithfulness: float
+    faith: Faith
+    sweep_n: np.ndarray
+    sweep_threshold: np.ndarray
+    sweep_faithfulness: np.ndarray
+
+
+def grid(n_max: int, points: int = 16) -> list[int]:
+    """0, then ``points`` log-spaced counts from 1 to n_max."""
+    if n_max <= 0:
+        return [0]
+    return [0, *sorted({int(round(x)) for x in np.geomspace(1, n_max, points)})]
+
+
+def select(hm: HookedModel, batch: PromptBatch, dicts, groups: Groups, base: Baseline, r: Ranking,
+           target: float = 0.95, points: int = 16, bisect_steps: int = 6,
+           progress: Callable[[str], None] | None = None) -> Selection:
+    """Steps 3-4: the smallest top-n node set with F ≥ target, and the sweep."""
+    faith = reference(hm, batch, dicts, groups, base, r)
+    dev = groups.index.device
+    seen = {0: faith(faith.m_empty), len(r): faith(faith.m_full)}  # 0 and 1 by construction
+
+    def F(n: int) -> float:
+        if n not in seen:
+            if progress:
+                progress(f"faithfulness of {n} nodes")
+            seen[n] = faith(ablated_metric(hm, batch, dicts, groups, base, r.mask(n, keep=True, device=dev)))
+        return seen[n]
+
+    ns = grid(r.n_nonzero, points)
+    first = next((n for n in ns if F(n) >= target), len(r))
+    below = max((n for n in seen if n < first and seen[n] < target), default=0)
+    lo, hi = below, first
+    for _ in range(bisect_steps):
+        if hi - lo <= 1:
+            break
+        mid = (lo + hi) // 2
+        if F(mid) >= target:
+            hi = mid
+        else:
+            lo = mid
+    best = min(n for n, f in seen.items() if f >= target)
+    ks = sorted(seen)
+    return Selection(best, r.threshold(best), seen[best], faith, np.array(ks, dtype=np.int64),
+                     np.array([r.threshold(n) for n in ks], dtype=np.float64),
+                     np.array([seen[n] for n in ks], dtype=np.float64))
+
+
+def curves(hm: HookedModel, batch: PromptBatch, dicts, groups: Groups, base: Baseline, r: Ranking,
+           ns: Sequence[int], faith: Faith | None = None,
+           progress: Callable[[str], None] | None = None) -> tuple[Faith, np.ndarray, np.ndarray]:
+    """Step 5: (faith, F keeping the top n [len(ns)], F ablating the top n [len(ns)])."""
+    faith = faith or reference(hm, batch, dicts, groups, base, r)
+    dev = groups.index.device
+    keep, drop = [], []
+    for n in ns:
+        if progress:
+            progress(f"top {n}")
+        keep.append(faith(ablated_metric(hm, batch, dicts, groups, base, r.mask(n, keep=True, device=dev))))
+        drop.append(faith(ablated_metric(hm, batch, dicts, groups, base, r.mask(n, keep=False, device=dev))))
+    return faith, np.array(keep), np.array(drop)
