@@ -7,12 +7,14 @@ curves.h5 with the training curves; its manifest metrics hold l0, fvu, dead_frac
 ce_recovered. Layers that already have an artifact are reused; the others train together, with
 their checkpoints in the work dir of the first pending layer's key (so --resume finds them).
 Each layer's weights depend only on its own key (trainer.init_generator), so which layers train
-together changes nothing. The store holds each key's lock while it builds: a second process
-asking for the same layers waits, then reuses them (or trains only those still missing).
+together changes nothing. The run holds the locks of all its pending keys until they are
+published: a second process asking for the same layers waits, then reuses them (if it asked for
+other layers too, it trains only those still missing).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -54,6 +56,7 @@ def train_sae_artifacts(
     progress: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
 ) -> list[SaeArtifact]:
     from icl_cli.store import StepSpec
+    from icl_cli.store.lock import key_lock
     from icl_cli.train_sae.trainer import train_dictionaries
 
     from icl_cli.core.identity import model_fingerprint
@@ -81,8 +84,16 @@ def train_sae_artifacts(
         return build
 
     out = []
-    for l in cfg.layers:
-        tag = None if name is None else (name if len(cfg.layers) == 1 else f"{name}.{l}")
-        res = store.run(specs[l], build_for(l), name=tag, force=force and l in pending, log=log)
-        out.append(SaeArtifact(l, res.artifact.key, dict(res.artifact.metrics or {}), res.reused))
+    with contextlib.ExitStack() as locks:
+        # Hold every pending layer's lock (in key order, so two runs cannot deadlock) until all are
+        # published: a concurrent run of the same layers waits for the whole group, then reuses it.
+        for l in sorted(pending, key=lambda l: specs[l].key):
+            def waiting(holder: str, l: int = l) -> None:
+                (log or (lambda m: None))(f"waiting for {holder}, which is training layer {l} ({specs[l].key[:12]}) in this store")
+
+            locks.enter_context(key_lock(store.root, specs[l].key, on_wait=waiting))
+        for l in cfg.layers:
+            tag = None if name is None else (name if len(cfg.layers) == 1 else f"{name}.{l}")
+            res = store.run(specs[l], build_for(l), name=tag, force=force and l in pending, log=log)
+            out.append(SaeArtifact(l, res.artifact.key, dict(res.artifact.metrics or {}), res.reused))
     return out
