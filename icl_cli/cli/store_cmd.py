@@ -244,6 +244,34 @@ def import_cmd(
     emit(gl, data=data, table=lambda: Text(f"{art.key}  {art.step}  {', '.join(art.names)}".rstrip()), keys=[art.key])
 
 
+@app.command("import-suite")
+def import_suite_cmd(
+    ctx: typer.Context,
+    ref: str = typer.Argument(..., help="toy-icl-suite, or a suite folder (manifest.json + one SAELens folder per dictionary)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name the suite NAME and each dictionary NAME.KIND.LAYER (default: the suite's own name)."),
+) -> None:
+    """Import a dictionary suite (resid / attn / transcoder per layer) for `icl circuit --saes`."""
+    from icl_cli.dictionaries.suite import import_suite
+
+    gl = g(ctx)
+    store = gl.store()
+    folder_name = Path(ref).name if Path(ref).expanduser().is_dir() else ref
+    suite = import_suite(store, ref, name=name or folder_name, log=_say(gl))
+    rows = [{"kind": k, "layer": layer, "key": key, "name": f"{suite.name}.{k}.{layer}"}
+            for (k, layer), key in sorted(suite.member_keys.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+
+    def table() -> Table:
+        t = Table(title=f"suite {suite.name} ({suite.model}) {suite.key[:12]}")
+        for col in ("kind", "layer", "name", "key"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["kind"], str(r["layer"]), r["name"], r["key"][:12])
+        return t
+
+    emit(gl, data={"key": suite.key, "name": suite.name, "model": suite.model, "dictionaries": rows},
+         table=table, keys=[suite.key])
+
+
 @app.command("export")
 def export_cmd(
     ctx: typer.Context,

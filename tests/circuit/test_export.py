@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from icl_cli.circuit.export import attribution_graph, to_dot, write_exports
+from icl_cli.circuit.export import to_dot, write_exports
 from icl_cli.circuit.graph import ERROR, CircuitGraph
 
 # Required keys, read from circuit-tracer's frontend/graph_models.py (pydantic models with no default)

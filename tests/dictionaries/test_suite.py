@@ -1,0 +1,169 @@
+"""Dictionary suites: the bundled toy-icl suite loads (ours and sae_lens) and gives the FVU its
+manifest records; folders import into the store with lineage; a missing (kind, layer) is one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icl_cli.core.batch import encode_prompts
+from icl_cli.core.prompts import sample_prompts
+from icl_cli.core.sites import HookedModel, Site
+from icl_cli.core.tasks import resolve_tasks
+from icl_cli.dictionaries import DictConfig, build, save_saelens
+from icl_cli.dictionaries.suite import BUNDLED, KINDS, Suite, import_suite, load_suite
+from icl_cli.errors import IclError
+
+BUNDLE = BUNDLED["toy-icl-suite"]
+
+
+# ---- an independent reading of a suite folder ----------------------------------------------------
+def gated_by_hand(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """Gated SAE / transcoder reconstruction from the raw SAELens tensors (Rajamanoharan et al. 2024):
+    x' = x − b_dec (if applied to the input); gate = [x'W_enc + b_gate > 0];
+    a = gate · relu(x'(W_enc ⊙ exp r_mag) + b_mag); x̂ = a W_dec + b_dec."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["architecture"] == "gated"
+    w = {k: v.double() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    x = x.double()
+    xin = x - w["b_dec"] if cfg["apply_b_dec_to_input"] else x
+    proj = xin @ w["W_enc"]
+    a = (proj + w["b_gate"] > 0).double() * torch.relu(proj * torch.exp(w["r_mag"]) + w["b_mag"])
+    return a @ w["W_dec"] + w["b_dec"]
+
+
+def check_acts(lm, check: dict, sites) -> tuple[dict, torch.Tensor]:
+    (task,) = resolve_tasks(check["task"])
+    prompts = sample_prompts(task.pairs, n_prompts=check["n_prompts"], n_shot=check["n_shot"], seed=check["seed"])
+    batch = encode_prompts(lm.tokenizer, prompts)
+    keep = batch.attention_mask.bool() & (batch.input_ids != lm.tokenizer.bos_token_id)
+    acts = HookedModel(lm.model).run(batch.input_ids, batch.attention_mask, read=set(sites)).acts
+    return acts, keep
+
+
+def io_sites(kind: str, layer: int) -> tuple[Site, Site]:
+    if kind == "transcoder":
+        return Site("mlp_in", layer), Site("mlp_out", layer)
+    s = Site({"resid": "resid_pre", "attn": "attn_out"}[kind], layer)
+    return s, s
+
+
+def fvu(t: torch.Tensor, t_hat: torch.Tensor) -> float:
+    t, t_hat = t.double(), t_hat.double()
+    return float(((t - t_hat) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
+
+
+# ---- suites from a folder ----------------------------------------------------------------------
+def tiny_suite_folder(root: Path, layers=(0, 1), kinds=KINDS, model="tiny") -> Path:
+    """A suite folder of random gated dictionaries for the 32-wide tiny model."""
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for layer in layers:
+        for kind in kinds:
+            site = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder"}[kind]
+            torch.manual_seed(10 * layer + KINDS.index(kind))
+            d = build(DictConfig(d_in=32, d_sae=64, arch="gated", site=site, layer=layer, model=model))
+            with torch.no_grad():
+                for p in d.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+            save_saelens(d, root / f"{kind}.{layer}")
+            entries.append({"kind": kind, "layer": layer, "folder": f"{kind}.{layer}"})
+    (root / "manifest.json").write_text(json.dumps({"name": "tiny-suite", "model": model, "dictionaries": entries}))
+    return root
+
+
+def test_missing_kind_or_layer_is_a_one_line_error(tmp_path):
+    suite = load_suite(str(tiny_suite_folder(tmp_path / "s", kinds=("resid", "transcoder"))))
+    assert isinstance(suite, Suite) and suite.key is None and len(suite) == 4
+    with pytest.raises(IclError) as err:
+        suite[("attn", 1)]
+    msg = str(err.value)
+    assert "\n" not in msg and "attn" in msg and "layer 1" in msg and "--saes attn:1=" in msg
+    with pytest.raises(IclError) as err:
+        suite.require(range(6))
+    msg = str(err.value)
+    assert "\n" not in msg and "resid at layers 2-5 (it has 0,1)" in msg and "attn at layers 0-5 (it has none)" in msg
+    suite.require([0, 1], kinds=("resid", "transcoder"))  # present: no error
+
+
+def test_folder_imports_into_the_store_with_lineage_and_names(tmp_path):
+    from icl_cli.store import Store
+
+    folder = tiny_suite_folder(tmp_path / "s")
+    store = Store(tmp_path / "store")
+    first = import_suite(store, str(folder), name="tiny")
+    again = load_suite(str(folder), store)
+    assert first.key == again.key and first.member_keys == again.member_keys
+    by_name = load_suite("tiny", store)  # the imported suite by its name
+    assert by_name.key == first.key and set(by_name) == set(first)
+    assert store.resolve("tiny.attn.1").key == first.member_keys[("attn", 1)]
+    x = torch.randn(5, 32)
+    for k in first:
+        torch.testing.assert_close(by_name[k](x).double(), gated_by_hand(folder / f"{k[0]}.{k[1]}", x),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_bad_suites_are_one_line_errors(tmp_path):
+    from icl_cli.store import Store
+
+    store = Store(tmp_path / "store")
+    folder = tiny_suite_folder(tmp_path / "s")
+    m = json.loads((folder / "manifest.json").read_text())
+    m["dictionaries"][0]["folder"] = "nowhere"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    cases = [(str(folder), "lacks the folder nowhere"),
+             (str(tmp_path), "no manifest.json"),
+             ("no-such-suite", "no dictionary suite 'no-such-suite'")]
+    bad = tiny_suite_folder(tmp_path / "b")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["dictionaries"][0]["kind"] = "attn"  # a resid SAE listed as attn
+    m["dictionaries"][1]["kind"] = "resid"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    cases.append((str(bad), "holds a resid_pre dictionary of layer 0, but the suite lists it as attn"))
+    for ref, text in cases:
+        with pytest.raises(IclError) as err:
+            load_suite(ref, store)
+        assert text in str(err.value) and "\n" not in str(err.value), (ref, str(err.value))
+
+
+def test_write_suite_records_the_fvu_of_its_float16_weights(tmp_path, tiny_lm):
+    from icl_cli.dictionaries.suite_build import write_suite
+
+    src = tiny_suite_folder(tmp_path / "src", layers=(1, 2), model=tiny_lm.name)
+    members = [(k, layer, SimpleNamespace(path=src / f"{k}.{layer}", key=f"{k}{layer}" * 8,
+                                          metrics={"l0": 3.0, "fvu": 0.5, "ce_recovered": 0.9}))
+               for layer in (1, 2) for k in KINDS]
+    check = {"task": "antonyms", "n_prompts": 2, "n_shot": 4, "seed": 1}
+    out = tmp_path / "out"
+    manifest = write_suite(out, members, tiny_lm, name="t", training={"tokens": 1}, check=check)
+    assert [(e["kind"], e["layer"]) for e in manifest["dictionaries"]] == [(k, layer) for layer in (1, 2) for k in KINDS]
+    sites = {s for _, layer, _ in members for k in KINDS for s in io_sites(k, layer)}
+    acts, keep = check_acts(tiny_lm, check, sites)
+    for e in manifest["dictionaries"]:
+        assert load_file(str(out / e["folder"] / "sae_weights.safetensors"))["W_enc"].dtype == torch.float16
+        s_in, s_out = io_sites(e["kind"], e["layer"])
+        x, t = acts[s_in][keep].float(), acts[s_out][keep].float()
+        assert e["check_fvu"] == pytest.approx(fvu(t, gated_by_hand(out / e["folder"], x)), rel=1e-4)
+        assert e["l0"] == 3.0 and e["source_key"] == f"{e['kind']}{e['layer']}" * 8
+    suite = load_suite(str(out))
+    assert len(suite) == 6 and suite.manifest["dtype"] == "float16"
+
+
+def test_import_suite_command(tmp_path):
+    from typer.testing import CliRunner
+
+    from icl_cli.cli.app import app
+
+    folder = tiny_suite_folder(tmp_path / "my-suite")
+    res = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "--json", "store", "import-suite", str(folder)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["name"] == "my-suite" and len(data["dictionaries"]) == 6
+    assert {d["name"] for d in data["dictionaries"]} >= {"my-suite.resid.0", "my-suite.transcoder.1"}
+    res = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "store", "import-suite", str(tmp_path / "nope")])
+    assert res.exit_code == 1 and "no suite folder" in res.output
