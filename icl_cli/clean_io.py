@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from icl_cli.collect_io import FLAGS, SHORT, SOLVED_NLL, flagged
+from icl_cli.collect_io import FLAGS, SHORT, SOLVED_NLL, flag_parts, flagged  # noqa: F401 (SHORT re-exported)
 from icl_cli.errors import IclError
 
 FORMAT_VERSION = 2  # 2: λ per task (--l1 auto), flags, SAE named
@@ -285,5 +285,4 @@ def flag_note(data: dict) -> str:
     n = len({t for ts in data["flagged"].values() for t in ts})
     if not n:
         return "no flagged task"
-    parts = [f"{SHORT[f]}: {', '.join(ts)}" for f, ts in data["flagged"].items() if ts]
-    return f"flagged {n} of {len(data['tasks'])} tasks ({'; '.join(parts)}; 0-shot solved: nll < {SOLVED_NLL})"
+    return f"flagged {n} of {len(data['tasks'])} tasks ({flag_parts(data['flagged'])})"

@@ -166,10 +166,15 @@ def summary_json(key: str, layers: Sequence[int], results: dict) -> dict:
             "tasks": out}
 
 
+def flag_parts(flagged_tasks: dict[str, list[str]]) -> str:
+    """'TV never helps: a, b; 0-shot solved (nll < 0.05): c' for the flags that have tasks."""
+    label = {"solved_zero_shot": f"{SHORT['solved_zero_shot']} (nll < {SOLVED_NLL})"}
+    return "; ".join(f"{label.get(f, SHORT[f])}: {', '.join(ts)}" for f, ts in flagged_tasks.items() if ts)
+
+
 def flag_note(data: dict) -> str:
     """One line naming the flagged tasks of a summary, or '' when none is flagged."""
-    parts = [f"{SHORT[f]} ({len(ts)}): {', '.join(ts)}" for f, ts in data["flagged"].items() if ts]
     n = len({t for ts in data["flagged"].values() for t in ts})
     if not n:
         return ""
-    return f"flagged {n} of {len(data['tasks'])} tasks — " + "; ".join(parts) + f"; 0-shot solved means nll < {SOLVED_NLL}"
+    return f"flagged {n} of {len(data['tasks'])} tasks — {flag_parts(data['flagged'])}"
