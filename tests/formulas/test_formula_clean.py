@@ -8,6 +8,8 @@ with the vector added by a pre-hook, the NLL summed by hand, L0 schedules chosen
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -315,13 +317,15 @@ def test_cleaning_trains_on_train_pairs_and_scores_the_held_out_queries(tiny_lm,
         return real(hm_, tok, prompts, *a, **k)
 
     monkeypatch.setattr(clean_mod.BaseCache, "build", spy)
+    task = dataclasses.replace(task, pairs=task.pairs[:16])  # 16 queries cycle through every allowed pair
     split = (6, 0)
     train, held = task_split(task, *split)
+    assert len(held) == 4
     res = clean_task(hm, tiny_lm.tokenizer, sae_with_biases("standard"), task, LAYER, v,
-                     CleanParams(max_steps=2, patience=2, n_train=30, ito_k=()), split)
+                     CleanParams(max_steps=2, patience=2, n_train=16, ito_k=()), split)
     assert res.steps >= 1
     train_prompts, held_prompts = seen[0], seen[-1]
-    assert len(train_prompts) == 30
+    assert len(train_prompts) == 16
     for p in train_prompts:
         assert all(pair not in held for pair in p.pairs)
     assert {p.query for p in held_prompts} == set(held)

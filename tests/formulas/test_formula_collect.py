@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 import icl_cli.collect as collect_mod
@@ -13,8 +15,9 @@ from tests.formulas._reference import hidden_states, logits_with_added, pad, sum
 
 def test_vectors_use_train_pairs_only_and_the_sweep_scores_held_out_queries(tiny_lm, monkeypatch):
     hm = HookedModel(tiny_lm.model)
-    task = load_task("en_fr")
-    p = CollectParams(n_shot=4, n_prompts=6, n_eval=5)
+    # 16 pairs, 4 held out; 16 prompts: their queries cycle through every pair they may use
+    task = dataclasses.replace(load_task("en_fr"), pairs=load_task("en_fr").pairs[:16])
+    p = CollectParams(n_shot=4, n_prompts=16, n_eval=5)
     seen: dict[str, list] = {"mean": [], "cache": []}
     real_mean, real_build = collect_mod.mean_at_role, collect_mod.BaseCache.build
 
@@ -30,6 +33,7 @@ def test_vectors_use_train_pairs_only_and_the_sweep_scores_held_out_queries(tiny
     monkeypatch.setattr(collect_mod.BaseCache, "build", build_spy)
     r = collect_task(hm, tiny_lm.tokenizer, task, [0, 2], p)
     train, held = task_split(task, p.n_eval, p.seed)
+    assert len(held) == 4
     assert len(seen["mean"]) == p.n_prompts
     for prompt in seen["mean"]:
         assert len(prompt.examples) == p.n_shot
