@@ -204,7 +204,9 @@ def _ablate_table(data: dict, r):
     if data["cross_task"] and len(r.sets) > 1:
         hm = heatmap("Δnll, ablate the row's features, measure the column's task", r.sets, r.tasks, data["delta_nll"],
                      marks=[[s == t for t in r.tasks] for s in r.sets], fmt="{:+.3f}")
-        hm.caption = "* = the task's own features; red: the loss rises when they are ablated"
+        share = data.get("own_worst_share")
+        hm.caption = ("* = the task's own features; red: the loss rises when they are ablated"
+                      + (f"; {100 * share:.0f}% of tasks are hurt most by their own features" if share is not None else ""))
         out.append(hm)
     return out
 
@@ -222,7 +224,7 @@ def mass_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
-    """Share of a feature set's activation on prompt / input / arrow / output / newline tokens (SPEC §8)."""
+    """Share of a feature set's activation on prompt / input / arrow / output / newline tokens (docs/METHODS.md §8)."""
     from icl_cli.ablate_mass import FORMAT_VERSION, feature_mass, read_h5, summary_json, write_h5
     from icl_cli.ablate_sets import resolve_features
     from icl_cli.core.sites import HookedModel
@@ -291,7 +293,7 @@ def link_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
-    """Executor activation at arrows after / before removing a detector's direction at outputs (SPEC §8)."""
+    """Executor activation at arrows after / before removing a detector's direction at outputs (docs/METHODS.md §8)."""
     from icl_cli.ablate_link import FORMAT_VERSION, read_h5, run_link, summary_json, write_h5
     from icl_cli.ablate_sets import GIVEN, resolve_features
     from icl_cli.core.sites import HookedModel
