@@ -37,7 +37,7 @@ pip_quiet() {  # pip with its noise filtered out; fails when pip fails
     rm -f "$log"
     return 1
   fi
-  grep -vE '^WARNING: Location|^ *$|wheel_obj|!!|strategy' "$log" >&2 || true
+  grep -vE '^WARNING: Location|^ *$|wheel_obj|!!|strategy|BuildBackendWarning|\*{8}|Please be careful|name as your package' "$log" >&2 || true
   rm -f "$log"
 }
 
