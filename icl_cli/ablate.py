@@ -282,7 +282,23 @@ def summary_json(key: str, r: AblateResult, p: AblateParams) -> dict:
                       "delta_nll": f(r.ablated["nll"][i, j] - r.base["nll"][j])}
         cells[s] = {"features": r.features.get(s, {}), "measured": row}
     base = {t: {m: f(r.base[m][j]) for m in METRICS} for j, t in enumerate(r.tasks)}
-    return {"key": key, "roles": list(p.roles), "mode": p.mode, "cross_task": p.cross_task, "tasks": r.tasks,
+    out = {"key": key, "roles": list(p.roles), "mode": p.mode, "cross_task": p.cross_task, "tasks": r.tasks,
             "sets": r.sets, "base": base, "ablated": cells,
             "delta_nll": [[f(r.ablated["nll"][i, j] - r.base["nll"][j]) for j in range(len(r.tasks))]
                           for i in range(len(r.sets))]}
+    if p.cross_task:
+        out["own_worst_share"] = own_worst_share(r)
+    return out
+
+
+def own_worst_share(r: AblateResult) -> float | None:
+    """Share of measured tasks whose loss rises most when their own features are ablated (cross-task)."""
+    delta = r.ablated["nll"] - r.base["nll"][None, :]  # [S, T]
+    hits, n = 0, 0
+    for j, t in enumerate(r.tasks):
+        if t not in r.sets or torch.isnan(delta[:, j]).all():
+            continue
+        col = torch.nan_to_num(delta[:, j], nan=float("-inf"))
+        n += 1
+        hits += int(int(col.argmax()) == r.sets.index(t))
+    return hits / n if n else None

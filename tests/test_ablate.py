@@ -271,3 +271,18 @@ def test_own_and_other_pairs(tiny_lm, task):
     if ok[0, 1]:
         assert own == pytest.approx(float(ratio[0, 1]))
     torch.testing.assert_close(ratio, torch.where(r.before[0] > 0, r.after[:, 0] / r.before[0], torch.nan), equal_nan=True)
+
+
+def test_own_worst_share_counts_columns_whose_own_row_is_largest():
+    from icl_cli.ablate import AblateResult, own_worst_share
+
+    nan = float("nan")
+    base = torch.tensor([1.0, 2.0, 3.0])
+    nll = torch.tensor([[1.5, 2.1, 3.0],   # set a
+                        [1.2, 2.5, nan],   # set b
+                        [1.1, 2.0, 3.2]])  # set c
+    r = AblateResult(["a", "b", "c"], ["a", "b", "c"], {"nll": base}, {"nll": nll})
+    # column a: own +0.5 is largest ✓; b: own +0.5 ✓; c: own +0.2 vs 0.0 ✓ -> 3/3
+    assert own_worst_share(r) == 1.0
+    nll[2, 2] = 2.9
+    assert own_worst_share(r) == pytest.approx(2 / 3)
