@@ -16,13 +16,14 @@ and reuses it.
 4. Locks are per open file, so one process taking the same key twice would wait on itself;
    :func:`key_lock` is therefore re-entrant within a thread (other threads wait like processes).
 
-On systems without ``fcntl`` (Windows) there is no lock: a concurrent writer of the same key can
+On systems without ``fcntl`` (Windows) or file systems without flock there is no lock: a concurrent writer of the same key can
 then fail, but never publishes a partial artifact (publishing is an atomic rename).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
 from pathlib import Path
@@ -60,8 +61,9 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _acquire(path: Path, on_wait: Optional[Callable[[str], None]]) -> int:
-    """Open and lock ``path`` (waiting if needed); returns the locked descriptor."""
+def _acquire(path: Path, on_wait: Optional[Callable[[str], None]]) -> int | None:
+    """Open and lock ``path`` (waiting if needed); returns the locked descriptor, or None on a
+    file system without flock (then there is no lock, as without fcntl)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     told = False
     while True:
@@ -74,6 +76,11 @@ def _acquire(path: Path, on_wait: Optional[Callable[[str], None]]) -> int:
                     on_wait(_holder(path))
                     told = True
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    os.close(fd)
+                    return None
+                raise
             if _same_file(fd, path):
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode("ascii"))
@@ -109,9 +116,10 @@ def key_lock(root: Path, key: str, on_wait: Optional[Callable[[str], None]] = No
     finally:
         with _guard:
             del _held[ident]
-        with contextlib.suppress(OSError):
-            os.unlink(path)  # before unlocking: see point 3 of the module docstring
-        os.close(fd)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # before unlocking: see point 3 of the module docstring
+            os.close(fd)
 
 
 def is_locked(root: Path, key: str) -> bool:
