@@ -7,8 +7,8 @@ For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
 3. v(θ) ← decode(a(θ)) (decoder bias and output de-normalisation included).
 4. loss(θ) = nll(0-shot train prompts with v(θ) added at the arrow of resid_pre[l]) + λ‖a(θ)‖₁;
    the residual below l is computed once, each step runs only blocks ≥ l.
-5. Adam; stop when L0 = #{a(θ) > 0} has not reached a new minimum for ``patience`` steps;
-   return the θ at the minimum L0.
+5. Adam; stop when L0 = #{a(θ) > 0} has not reached a new minimum for ``patience`` steps (or
+   has reached 0); return the θ at the minimum L0.
 6. λ auto (``p.l1`` None): 0-shot validation prompts whose queries are training pairs no
    training prompt asks; clean with each λ of ``p.l1_grid`` from the largest down and keep the
    first whose validation nll ≤ (1 + ``p.l1_tolerance``) × the raw vector's (if none passes, the
@@ -109,6 +109,8 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
             l0 = int((act(theta) > 0).sum())
         if l0 < best[0]:
             best, since = (l0, theta.detach().clone(), step), 0
+            if l0 == 0:  # nothing is sparser: the returned θ cannot change any more
+                break
         else:
             since += 1
             if since >= p.patience:

@@ -171,3 +171,15 @@ def test_clean_cli_defaults_to_auto_and_keeps_explicit_values(tiny_toy_dir, tmp_
         out = runner.invoke(app, [*store, "clean", "--tv", tv, "--sae", str(tmp_path / "sae"), "--l1", bad])
         assert out.exit_code == 1 and out.stdout == "" and option in out.stderr and "Traceback" not in out.stderr
         assert "--patience" not in out.stderr
+
+
+def test_cleaning_stops_once_no_feature_is_left(tiny_lm, env):
+    from icl_cli.clean import clean_vector, steer_mask
+    from icl_cli.core.steering import BaseCache
+
+    hm, task, cp, v, sae = env
+    cache = BaseCache.build(hm, tiny_lm.tokenizer, sample_prompts(task.pairs, 4, 0, seed=5), [LAYER])
+    p = CleanParams(l1=1e4, lr=0.5, max_steps=400, patience=100)
+    out = clean_vector(hm, sae, cache, LAYER, v, p, p.l1, steer_mask(cache.batch, False))
+    assert out.l0 == 0 and (out.acts == 0).all()
+    assert out.steps < p.patience  # stopped when L0 hit 0, not `patience` steps later
