@@ -43,17 +43,21 @@ def test_vectors_use_train_pairs_only_and_the_sweep_scores_held_out_queries(tiny
     assert sorted(r.heldout) == sorted(x for x, _ in held)
 
     # TV[l] = mean of resid_pre[l] over every arrow token of those prompts (HF hidden states)
+    # DV[l]: the same over every output token (toy words are single tokens: the one after "->")
     rows = [tiny_lm.tokenizer(q.text)["input_ids"] for q in seen["mean"]]
     arrows = []
     for q in seen["mean"]:
         toks = word_tokens(tiny_lm.tokenizer, q.text)
         arrows.append([i for i, t in enumerate(toks) if t == "->"])
     for j, layer in enumerate([0, 2]):
-        vecs = []
+        vecs, outs = [], []
         for ids, arr in zip(rows, arrows):
             t = torch.tensor([ids])
-            vecs += [hidden_states(tiny_lm.model, t, torch.ones_like(t))[layer][0, i] for i in arr]
+            hs = hidden_states(tiny_lm.model, t, torch.ones_like(t))[layer][0]
+            vecs += [hs[i] for i in arr]
+            outs += [hs[i + 1] for i in arr]
         torch.testing.assert_close(r.tv[j], torch.stack(vecs).mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(r.dv[j], torch.stack(outs).mean(0), atol=1e-5, rtol=1e-4)
 
     # the TV sweep loss at each layer: the vector added at the query arrow of the 0-shot prompts
     zero = seen["cache"]

@@ -169,8 +169,17 @@ def trained(tmp_path_factory):
         real(self)
         first.setdefault("x", self.x.clone())
 
+    from icl_cli.dictionaries.standard import StandardSAE
+
+    real_loss = StandardSAE.training_loss
+
+    def loss_spy(self, x, target, coeff, dead=None):
+        first.setdefault("inputs", []).append(x.detach().clone())
+        return real_loss(self, x, target, coeff, dead)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(trainer.ShuffleBuffer, "_refill", spy)
+    mp.setattr(StandardSAE, "training_loss", loss_spy)
     try:
         cfg = TrainConfig(model="tiny", dataset="tasks", width=64, batch_tokens=128, ctx=32, buffer_batches=4,
                           eval_tokens=256, lr=3e-3, layers=[1], arch="standard", tokens=20 * 128, checkpoint_every=0)
@@ -178,13 +187,16 @@ def trained(tmp_path_factory):
         (art,) = train_sae_artifacts(store, cfg, lm)
     finally:
         mp.undo()
-    return store.resolve(art.key), art, first["x"], lm
+    return store.resolve(art.key), art, first["x"], lm, first["inputs"]
 
 
 def test_input_scale_is_sqrt_d_over_the_mean_norm_of_the_first_fill(trained):
-    _, art, x0, lm = trained
+    _, art, x0, lm, inputs = trained
     want = math.sqrt(lm.d_model) / float(x0[:, 0].float().norm(dim=-1).mean())
     assert art.metrics["input_scale"] == pytest.approx(want, rel=1e-5)
+    # the dictionary trains on scaled inputs: the first two batches come from the first fill
+    first = torch.cat(inputs[:2]).norm(dim=-1).mean()
+    assert float(first) == pytest.approx(math.sqrt(lm.d_model), rel=0.15)
 
 
 def test_sparsity_file_holds_log10_firing_frequency_of_the_last_fifth(trained):
