@@ -11,7 +11,8 @@ For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
    has reached 0); return the θ at the minimum L0.
 6. λ auto (``p.l1`` None): 0-shot validation prompts whose queries are training pairs no
    training prompt asks; clean with each λ of ``p.l1_grid`` from the largest down and keep the
-   first whose validation nll ≤ (1 + ``p.l1_tolerance``) × the raw vector's (if none passes, the
+   first whose validation nll ≤ (1 + ``p.l1_tolerance``) × the raw vector's + ``p.l1_slack`` nats
+   (if none passes, the
    λ with the lowest validation nll). Large λs stop early (their L0 bottoms out fast), so the
    search costs a few short runs on top of the one that passes.
 Baselines on the same held-out prompts: 0-shot, raw TV, SAE reconstruction, gradient pursuit
@@ -138,7 +139,7 @@ def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, l
             return scores(steered_logits(hm, cache_val, layer, vec, mask=mask_val), cache_val.batch).nll
 
     base = val_nll(v)
-    limit = base * (1 + p.l1_tolerance)
+    limit = base * (1 + p.l1_tolerance) + p.l1_slack
     tried: dict[str, list] = {"l1": [], "l0": [], "val_nll": [], "steps": []}
     best = None
     for lam in p.l1_grid:  # largest first

@@ -2,7 +2,7 @@
 
 HDF5 layout (``clean.h5``)::
 
-    attrs  layer, l1 ("auto" or the λ as text), l1_tolerance, sae (key or reference), sae_label
+    attrs  layer, l1 ("auto" or the λ as text), l1_tolerance, l1_slack, sae (key or reference), sae_label, detectors
     /tasks/<t>/features [K] int64, weights [K] float32   kept SAE features, strongest first
     /tasks/<t>/l0/<m>, nll/<m>, acc/<m>                  per method m (see METHOD_NAMES)
     /tasks/<t>/sweep/{l1, l0, nll}                       --sweep-l1 runs (held-out nll)
@@ -38,7 +38,10 @@ class CleanParams:
     l1_grid: tuple[float, ...] = AUTO_L1_GRID
     """λs tried by --l1 auto, from the largest down; the first that passes is kept."""
     l1_tolerance: float = 0.1
-    """--l1 auto accepts a λ when validation nll ≤ (1 + tolerance) × the raw vector's."""
+    """--l1 auto accepts a λ when validation nll ≤ (1 + tolerance) × the raw vector's + slack."""
+    l1_slack: float = 0.01
+    """--l1 auto: nats always allowed on top (on 24 prompts, smaller differences are noise; it
+    matters for tasks whose nll is near 0)."""
     n_val: int = 24
     """Validation prompts of --l1 auto: 0-shot prompts whose queries are training pairs that no
     training prompt asks (so neither the held-out pairs nor the optimised prompts)."""
@@ -65,6 +68,7 @@ class CleanParams:
             (all(lam >= 0 for lam in self.sweep_l1), "--sweep-l1 values must be ≥ 0"),
             (len(self.l1_grid) > 0 and all(lam >= 0 for lam in self.l1_grid), "--l1-grid needs at least one value, all ≥ 0"),
             (self.l1_tolerance >= 0, f"--l1-tolerance must be ≥ 0 (got {self.l1_tolerance})"),
+            (self.l1_slack >= 0, f"--l1-slack must be ≥ 0 (got {self.l1_slack})"),
             (self.n_val >= 1, f"--n-val must be ≥ 1 (got {self.n_val})"),
             (self.lr > 0, f"--lr must be > 0 (got {self.lr})"),
             (self.max_steps >= 1, f"--max-steps must be ≥ 1 (got {self.max_steps})"),
@@ -85,7 +89,7 @@ class CleanParams:
         p = asdict(self)
         p["l1"] = "auto" if self.auto else self.l1
         if not self.auto:
-            for k in ("l1_grid", "l1_tolerance", "n_val"):
+            for k in ("l1_grid", "l1_tolerance", "l1_slack", "n_val"):
                 p.pop(k)
         return p
 
@@ -261,6 +265,7 @@ def summary_json(key: str, layer: int, results: dict[str, CleanResult], meta: di
     unflagged = [t for t, r in results.items() if not r.flags]
     return {"key": key, "layer": layer, "sae": meta.get("sae"), "sae_label": meta.get("sae_label"),
             "detectors": bool(meta.get("detectors")), "l1": meta.get("l1"), "l1_tolerance": meta.get("l1_tolerance"),
+            "l1_slack": meta.get("l1_slack"),
             "l1_chosen": {t: r.l1 for t, r in results.items()},
             "methods": {m: method_name(m) for m in keys},
             "flags": dict(FLAGS), "solved_nll_threshold": SOLVED_NLL,
@@ -275,7 +280,9 @@ def l1_text(data: dict) -> str:
     if data.get("l1") == "auto":
         tol = data.get("l1_tolerance")
         rng = f"{chosen[0]:g}–{chosen[-1]:g}, median {chosen[len(chosen) // 2]:g}" if chosen else "none"
-        return f"λ auto (per task, validation nll within {100 * tol:.0f}% of the raw vector's; chosen {rng})"
+        slack = data.get("l1_slack")
+        plus = f" + {slack:g} nats" if slack else ""
+        return f"λ auto (per task, validation nll within {100 * tol:.0f}%{plus} of the raw vector's; chosen {rng})"
     if data.get("l1") is not None:
         return f"λ = {float(data['l1']):g}"
     return f"λ = {chosen[0]:g}" if chosen else "λ unknown"

@@ -34,7 +34,7 @@ def env(tiny_lm):
 
 
 def _params(**kw) -> CleanParams:
-    base = dict(l1=None, l1_grid=GRID, l1_tolerance=0.0, max_steps=40, patience=10, lr=0.05, n_train=8, n_val=8)
+    base = dict(l1=None, l1_grid=GRID, l1_tolerance=0.0, l1_slack=0.0, max_steps=40, patience=10, lr=0.05, n_train=8, n_val=8)
     return CleanParams(**{**base, **kw})
 
 
@@ -83,6 +83,7 @@ def test_auto_keeps_the_largest_lambda_whose_validation_nll_passes(tiny_lm, env)
     val = _validation_prompts(task, cp, p)
     base = _steered_nll(tiny_lm, val, v)
     assert res.auto["val_nll_tv"] == pytest.approx(base, rel=1e-4)
+    assert res.auto["limit"] == pytest.approx(base * (1 + p.l1_tolerance) + p.l1_slack, rel=1e-4)
 
     # every λ of the grid cleaned on its own (explicit --l1), scored by the independent pass
     explicit = {lam: clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(l1=lam), (cp.n_eval, cp.seed))
@@ -127,7 +128,7 @@ def test_auto_needs_validation_queries(tiny_lm, env):
 def test_params_name_the_bad_option():
     from icl_cli.errors import IclError
 
-    for kw, option in ((dict(l1=-1.0), "--l1"), (dict(l1_tolerance=-0.1), "--l1-tolerance"), (dict(n_val=0), "--n-val"),
+    for kw, option in ((dict(l1=-1.0), "--l1"), (dict(l1_tolerance=-0.1), "--l1-tolerance"), (dict(l1_slack=-1.0), "--l1-slack"), (dict(n_val=0), "--n-val"),
                        (dict(lr=0.0), "--lr"), (dict(sweep_l1=(-1.0,)), "--sweep-l1"), (dict(l1_grid=()), "--l1-grid")):
         with pytest.raises(IclError) as err:
             CleanParams(**kw)

@@ -49,6 +49,7 @@ def clean_cmd(
                            "validation nll stays within --l1-tolerance of the raw vector's (the paper used 0.05)."),
     l1_grid: str = typer.Option(",".join(f"{x:g}" for x in AUTO_L1_GRID), "--l1-grid", help="λs tried by --l1 auto (largest first)."),
     l1_tolerance: float = typer.Option(0.1, "--l1-tolerance", help="--l1 auto: allowed relative rise of the validation nll over the raw vector's."),
+    l1_slack: float = typer.Option(0.01, "--l1-slack", help="--l1 auto: nats of validation nll always allowed on top of the tolerance."),
     n_val: int = typer.Option(24, "--n-val", help="--l1 auto: validation prompts (training pairs no training prompt asks)."),
     lr: float = typer.Option(0.01, "--lr", help="Adam learning rate."),
     max_steps: int = typer.Option(1000, "--max-steps", help="At most this many steps per task."),
@@ -71,7 +72,7 @@ def clean_cmd(
 
     gl = g(ctx)
     store = gl.store()
-    p = CleanParams(l1=_l1(l1), l1_grid=_floats(l1_grid, "--l1-grid"), l1_tolerance=l1_tolerance, n_val=n_val, lr=lr,
+    p = CleanParams(l1=_l1(l1), l1_grid=_floats(l1_grid, "--l1-grid"), l1_tolerance=l1_tolerance, l1_slack=l1_slack, n_val=n_val, lr=lr,
                     max_steps=max_steps, patience=patience, n_train=n_train, sweep_l1=_floats(sweep_l1),
                     detectors=detectors, seed=gl.seed)
     tv_art = store.resolve(tv, step="collect")
@@ -91,6 +92,7 @@ def clean_cmd(
     flags = {t: task_flags(sweeps[t].sweep) for t in names}
     label = _sae_label(store, sae_art, sae)
     meta = {"l1": "auto" if p.auto else p.l1, "l1_tolerance": p.l1_tolerance if p.auto else None,
+            "l1_slack": p.l1_slack if p.auto else None,
             "sae": sae_art.key if sae_art is not None else sae, "sae_label": label, "detectors": detectors}
 
     def spec_for(lay: int, dtype: str) -> StepSpec:
