@@ -175,5 +175,8 @@ def _chunk(hm: HookedModel, batch: PromptBatch, dicts, s: NodeScores, selected, 
 
 
 def _collect(rows: list[Node], srcs: list[Node], w: Tensor) -> list[Edge]:
+    """Edges from ``srcs`` (one site) to the chunk's rows that it feeds directly; exact zeros
+    (no path) are dropped."""
     w = w.detach().cpu().tolist()
-    return [Edge(src, dst, wk[i]) for dst, wk in zip(rows, w) for i, src in enumerate(srcs)]
+    return [Edge(src, dst, wk[i]) for dst, wk in zip(rows, w) if srcs[0][0] in upstream(dst[0])
+            for i, src in enumerate(srcs) if wk[i] != 0.0]

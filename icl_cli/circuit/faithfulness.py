@@ -172,3 +172,40 @@ def curves(hm: HookedModel, batch: PromptBatch, dicts, groups: Groups, base: Bas
         keep.append(faith(ablated_metric(hm, batch, dicts, groups, base, r.mask(n, keep=True, device=dev))))
         drop.append(faith(ablated_metric(hm, batch, dicts, groups, base, r.mask(n, keep=False, device=dev))))
     return faith, np.array(keep), np.array(drop)
+
+
+def site_acts(hm: HookedModel, batch: PromptBatch, dicts) -> dict[Key, tuple[Tensor, Tensor]]:
+    """(a [B,P,F], e [B,P,D]) at every site of the unmodified model (no gradients): what a mean
+    baseline is taken from."""
+    from icl_cli.circuit.splice import split
+
+    acts: dict[Key, tuple[Tensor, Tensor]] = {}
+
+    def record(key: Key, x_in: Tensor, x_out: Tensor) -> Tensor:
+        acts[key] = split(dicts[key], x_in, x_out)
+        return x_out
+
+    hm.run(batch.input_ids, batch.attention_mask, edit=splice_edits(ordered(dicts), record))
+    return acts
+
+
+def ranking_from_graph(graph, dicts, groups: Groups, only_selected: bool = False) -> Ranking:
+    """The feature nodes of a stored CircuitGraph as a Ranking over ``dicts`` and ``groups``
+    (nodes whose role ``groups`` lacks are an error)."""
+    keys = ordered(dicts)
+    index = {k: i for i, k in enumerate(keys)}
+    gi = {name: i for i, name in enumerate(groups.names)}
+    rows = [i for i in range(len(graph.site)) if graph.feature[i] >= 0 and (not only_selected or graph.selected[i])]
+    missing = sorted({str(graph.role[i]) for i in rows} - set(gi))
+    if missing:
+        raise IclError(f"the circuit has nodes at {', '.join(missing[:3])} which these prompts lack; "
+                       "per-position circuits only apply to prompts of the same length")
+    absent = sorted({f"{graph.site[i]}.{graph.layer[i]}" for i in rows} - {f"{k}.{l}" for k, l in keys})
+    if absent:
+        raise IclError(f"the circuit has nodes at {', '.join(absent[:3])} but no dictionary there")
+    order = sorted(rows, key=lambda i: -abs(float(graph.ie[i])))
+    t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Ranking(keys, {k: (groups.n, dicts[k].cfg.d_sae) for k in keys},
+                   t([index[(str(graph.site[i]), int(graph.layer[i]))] for i in order]),
+                   t([gi[str(graph.role[i])] for i in order]), t([int(graph.feature[i]) for i in order]),
+                   torch.tensor([float(graph.ie[i]) for i in order]))
