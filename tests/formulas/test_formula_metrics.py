@@ -21,7 +21,7 @@ def hand_batch(seed: int = 0) -> tuple[torch.Tensor, PromptBatch]:
     answer_pos = torch.tensor([[3, 4], [5, -1], [2, 3], [6, 7]])
     answer_ids = torch.tensor([[1, 7], [4, 0], [12, 2], [0, 5]])
     # per pair: the position predicting its first answer token; -1 pads shorter prompts
-    pair_pos = torch.tensor([[0, 1, 3, -1], [1, 3, 5, -1], [0, 2, -1, -1], [1, 2, 4, 6]])
+    pair_pos = torch.tensor([[0, 1, 3, -1], [1, 3, 5, -1], [0, 0, -1, -1], [1, 2, 4, 6]])  # 0 is a position
     pair_ids = torch.tensor([[2, 3, 1, 0], [9, 8, 4, 0], [5, 12, 0, 0], [1, 1, 2, 0]])
     z = torch.zeros(B, P, dtype=torch.long)
     batch = PromptBatch(z, torch.ones_like(z), z.to(torch.int8), torch.zeros(B, dtype=torch.long), answer_pos,

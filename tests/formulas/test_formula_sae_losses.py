@@ -223,8 +223,9 @@ def test_after_step_keeps_unit_decoder_rows_and_positive_thresholds():
     assert torch.equal(d.W_dec.detach(), before)  # the L1 is weighted by the norm instead
 
 
-def test_input_scale_gives_mean_norm_sqrt_d():
-    x = torch.randn(100, 16) * torch.rand(100, 1) * 9
+@pytest.mark.parametrize("size", [9.0, 0.05])
+def test_input_scale_gives_mean_norm_sqrt_d(size):
+    x = torch.randn(100, 16) * torch.rand(100, 1) * size
     n = input_scale(float(x.norm(dim=1).mean()), 16)
     assert float((x * n).norm(dim=1).mean()) == pytest.approx(16 ** 0.5, rel=1e-5)
 
