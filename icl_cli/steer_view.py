@@ -85,11 +85,12 @@ def heatmap_tables(r: SteerResult, key: str, normalise: bool = False, max_column
         sel = ", ".join(str(f) for f in r.selected.get(t, [])[:8]) + (", …" if len(r.selected.get(t, [])) > 8 else "")
         tab.add_row(t, f"{float(r.base_nll[i]):.3f}", str(len(r.kept.get(t, []))), str(r.features[b]),
                     f"{float(r.effect[i, b]):.2f}", ("yes" if spec.specific[i] else "no") if spec else "–", sel or "–")
+    out = [heat, tab]
     if spec:
         n = sum(spec.specific)
-        tab.caption = (f"specificity: {n}/{len(r.tasks)} tasks ({spec.share:.2f}) — the task's best feature lowers its "
-                       f"loss more than any other task's")
-    return [heat, tab]
+        out.append(Text(f"specificity: {n}/{len(r.tasks)} tasks ({spec.share:.2f}): the task's best feature lowers its "
+                        f"loss (relatively) more than any other task's"))
+    return out
 
 
 def negative_table(r: SteerResult, key: str):
@@ -102,11 +103,12 @@ def negative_table(r: SteerResult, key: str):
     tab.add_column("features", justify="right")
     tab.add_column("s = 0", justify="right")
     for s in r.scales.tolist():
-        tab.add_column(f"s = {s:g}", justify="right")
+        tab.add_column(f"s = {s:.3g}", justify="right")
     for i, t in enumerate(r.tasks):
         cells = [f"{float(r.nll[i, k]):.2f} / {float(r.acc[i, k]):.2f}" for k in range(r.nll.shape[1])]
         tab.add_row(t, str(len(r.selected.get(t, []))), f"{float(r.base_nll[i]):.2f} / {float(r.base_acc[i]):.2f}", *cells)
+    from rich.text import Text
+
     m = r.acc.mean(0).tolist()
-    tab.caption = (f"mean acc: {float(r.base_acc.mean()):.2f} unsteered → "
-                   + ", ".join(f"{a:.2f}" for a in m) + " (by scale)")
-    return tab
+    return [tab, Text(f"mean acc over tasks: {float(r.base_acc.mean()):.2f} unsteered → "
+                      + ", ".join(f"{a:.2f}" for a in m) + " by scale")]
