@@ -64,6 +64,7 @@ def test_standard_loss_weights_the_l1_by_decoder_norm():
     torch.testing.assert_close(parts.mse, mse)
     torch.testing.assert_close(parts.sparsity, l1)
     torch.testing.assert_close(parts.loss, mse + coeff * l1)
+    torch.testing.assert_close(parts.recon, recon)
     assert torch.equal(parts.fired, a > 0)
     assert_same(grads(d, parts.loss), grads(d, mse + coeff * l1))
 
@@ -92,6 +93,7 @@ def test_gated_loss_gate_sparsity_and_auxiliary_reconstruction():
     torch.testing.assert_close(parts.sparsity, sparsity)
     torch.testing.assert_close(parts.aux, aux)
     torch.testing.assert_close(parts.loss, total)
+    torch.testing.assert_close(parts.recon, a @ d.W_dec + d.b_dec)
     assert torch.equal(parts.fired, a > 0)
     # the auxiliary term trains the gate only: no gradient through W_dec or b_dec
     assert_same(grads(d, parts.loss), grads(d, total))
@@ -129,6 +131,7 @@ def test_topk_loss_and_auxk_on_dead_features():
     torch.testing.assert_close(parts.mse, mse)
     torch.testing.assert_close(parts.aux, aux)
     torch.testing.assert_close(parts.loss, mse + aux)
+    torch.testing.assert_close(parts.recon, recon)
     assert torch.equal(parts.fired, a > 0)
     assert_same(grads(d, parts.loss), grads(d, mse + aux))
 
@@ -160,6 +163,8 @@ def test_jumprelu_forward_is_pre_times_step_plus_coeff_l0():
     torch.testing.assert_close(parts.mse, mse)
     torch.testing.assert_close(parts.sparsity, l0)
     torch.testing.assert_close(parts.loss, mse + coeff * l0)
+    torch.testing.assert_close(parts.recon, a @ d.W_dec + d.b_dec)
+    assert torch.equal(parts.fired, on) and float(parts.aux) == 0.0
     torch.testing.assert_close(d.activate(pre), torch.relu(pre) * on)
 
 
