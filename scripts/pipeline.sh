@@ -1,36 +1,98 @@
 #!/usr/bin/env bash
-# The paper pipeline on the bundled toy model, offline on a CPU:
-#   1. collect   task vectors, detector vectors and the layer sweep for every built-in task
-#   2. train-sae a gated residual SAE at the task-vector layer (the paper's architecture)
-#   3. clean     task vector cleaning against the raw TV, the SAE reconstruction and gradient pursuit
-# Every step is an artifact in the store (./artifacts); running the script again reuses them.
-# Environment: ICL (the icl command), MODEL (default toy-icl), LAYER (default: the layer where the
-# most tasks' task vectors work best), SAE_TOKENS (default 1000000), SAE_L1 (default 1), CLEAN_L1
-# (default 0.005), DATASET (SAE corpus, default: the task prompts).
+# The whole paper on the bundled toy model, offline on a CPU, chained the way people script icl
+# (`KEY=$(icl -q ...)`). It makes the same artifacts as `icl pipeline` (one process, quicker to
+# rerun); copy it and change a step to try other settings.
+#   1. collect          task vectors, detector vectors and the layer sweep for every built-in task
+#   2. SAEs             residual SAEs at the task-vector layer l and at l − 1: the bundled toy suite
+#                       when it is installed, else trained here (gated, the paper's architecture)
+#   3. clean            task vectors at l (executors) and detector vectors at l − 1 (detectors)
+#   4. top-activations  max-activating contexts of each task's top two cleaned features
+#   5. steer            the executor heatmap at l and detector steering at l − 1
+#   6. ablate           activation mass by role (executors, detectors), the cross-task matrix,
+#                       the detector → executor link
+#   7. circuit          sparse feature circuits for a few tasks, then their faithfulness curves
+#                       and cross-task matrix (`icl ablate --circuit`)
+#   8. report           figures, report/index.html, the headline findings beside the paper's
+# Every step is an artifact in the store (./artifacts, or ICL_STORE); a rerun reuses them all.
+# Environment [default]: ICL [.venv/bin/icl], MODEL [toy-icl], TASKS [two per task group; all: the 23], LAYER [where most
+# tasks' task vectors work best], SUITE [toy-icl-suite], CIRCUIT_TASKS [antonyms,en_es,location_continent],
+# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [0.001,0.02], SAE_TOKENS [1000000], OUT [report].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
 PY=${PY:-.venv/bin/python}
 MODEL=${MODEL:-toy-icl}
+TASKS=${TASKS:-antonyms,singular_plural,present_simple_past_simple,en_es,fr_en,location_language,location_continent,algo_last}
+SUITE=${SUITE:-toy-icl-suite}
+CIRCUIT_TASKS=${CIRCUIT_TASKS:-antonyms,en_es,location_continent}
+OUT=${OUT:-report}
+started=$(date +%s)
+step() { echo "== [$(( $(date +%s) - started ))s] $*" >&2; }
+json() { "$PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 
-echo "== collect: task vectors and layer sweep ($MODEL)" >&2
-TV=$($ICL -q collect --model "$MODEL" --tasks all --layers all --name pipeline-tv)
-$ICL collect --model "$MODEL" --tasks all --layers all >&2   # (reused) the sweep table, for people
-
+step "collect: task vectors and the layer sweep ($MODEL, tasks: $TASKS)"
+TV=$($ICL -q collect --model "$MODEL" --tasks "$TASKS" --layers all --name pipeline-tv)
 if [ -z "${LAYER:-}" ]; then
-  LAYER=$($ICL --json collect --model "$MODEL" --tasks all --layers all | "$PY" -c '
-import collections, json, sys
-best = [t["best_layer"] for t in json.load(sys.stdin)["tasks"].values()]
-print(collections.Counter(best).most_common(1)[0][0])')
+  LAYER=$($ICL --json collect --model "$MODEL" --tasks "$TASKS" --layers all \
+          | json '__import__("collections").Counter(t["best_layer"] for t in d["tasks"].values()).most_common(1)[0][0]')
 fi
-echo "== train-sae: gated residual SAE at layer $LAYER" >&2
-# toy-sized settings: 1M tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4
-# are for Gemma); L1 1 keeps CE loss recovered above 0.9 at L0 ≈ 100 of 2048 features
-SAE=$($ICL -q train-sae --model "$MODEL" --layer "$LAYER" --site resid --arch gated \
-        --tokens "${SAE_TOKENS:-1000000}" --batch-tokens 1024 --lr 1e-3 --l1 "${SAE_L1:-1}" \
-        --dataset "${DATASET:-tasks}" --name "pipeline-sae")
+PREV=$((LAYER - 1))
 
-echo "== clean: task vector cleaning at layer $LAYER" >&2
-# λ 0.005: the toy SAE's activations are larger than Gemma's, and the paper's 0.05 prunes its
-# task vectors to a handful of features that no longer carry the task (README)
-$ICL clean --tv "$TV" --sae "$SAE" --l1 "${CLEAN_L1:-0.005}" --name pipeline-clean
+if [ "$MODEL" = toy-icl ] && SUITE_JSON=$($ICL --json store import-suite "$SUITE" 2>/dev/null) \
+   && SAE=$(echo "$SUITE_JSON" | json "[x['key'] for x in d['dictionaries'] if (x['kind'], x['layer']) == ('resid', $LAYER)][0]" 2>/dev/null) \
+   && SAE_PREV=$(echo "$SUITE_JSON" | json "[x['key'] for x in d['dictionaries'] if (x['kind'], x['layer']) == ('resid', $PREV)][0]" 2>/dev/null); then
+  step "SAEs: the residual SAEs of suite $SUITE at layers $PREV and $LAYER"
+else
+  step "train-sae: gated residual SAEs at layers $PREV and $LAYER"
+  # toy-sized: 1M tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
+  KEYS=$($ICL -q train-sae --model "$MODEL" --layer "$PREV,$LAYER" --site resid --arch gated \
+          --tokens "${SAE_TOKENS:-1000000}" --batch-tokens 1024 --lr 1e-3 --l1 1 --dataset tasks --name pipeline-sae)
+  SAE_PREV=$(echo "$KEYS" | sed -n 1p)
+  SAE=$(echo "$KEYS" | sed -n 2p)
+fi
+
+# λ 0.005: the toy SAEs' activations are larger than Gemma's, and the paper's 0.05 prunes the task
+# vectors to a handful of features that no longer carry the task (README)
+step "clean: task vectors at layer $LAYER (executors)"
+CLEAN_ARGS=(--tv "$TV" --sae "$SAE" --l1 "${CLEAN_L1:-0.005}" --sweep-l1 "${SWEEP_L1:-0.001,0.02}" --name pipeline-clean)
+CLEAN=$($ICL -q clean "${CLEAN_ARGS[@]}")
+step "clean: detector vectors at layer $PREV (detectors)"
+DCLEAN=$($ICL -q clean --tv "$TV" --sae "$SAE_PREV" --detectors --l1 "${DETECTOR_L1:-0.005}" --name pipeline-clean-detectors)
+
+step "top-activations: contexts of each task's top two cleaned features"
+TOP_FEATURES=$($ICL --json clean "${CLEAN_ARGS[@]}" \
+  | json '",".join(map(str, sorted({f for r in d["tasks"].values() for f in r["features"][:2]})))')
+TOP=$($ICL -q collect top-activations --sae "$SAE" --features "$TOP_FEATURES" --name pipeline-top)
+
+step "steer: executor heatmap at layer $LAYER"
+EXEC=$($ICL -q steer --clean "$CLEAN" --name pipeline-executors)
+step "steer: detector steering at layer $PREV"
+DET=$($ICL -q steer --clean "$DCLEAN" --mode detector --name pipeline-detectors)
+# the steering rule's executors and detectors; when it selects none at all, the kept features
+SET_EXEC=(); SET_DET=(); SET_LINK=()
+[ "$($ICL --json steer --clean "$CLEAN" | json 'int(any(d["executors"].values()))')" = 1 ] || SET_EXEC=(--set kept)
+[ "$($ICL --json steer --clean "$DCLEAN" --mode detector | json 'int(any(d["detectors"].values()))')" = 1 ] || SET_DET=(--set kept)
+[ ${#SET_EXEC[@]} -eq 0 ] && [ ${#SET_DET[@]} -eq 0 ] || SET_LINK=(--set kept)
+
+step "ablate: activation mass by token role (executors, detectors)"
+MASS_EXEC=$($ICL -q ablate mass --features "$EXEC" "${SET_EXEC[@]}" --name pipeline-mass-executors)
+MASS_DET=$($ICL -q ablate mass --features "$DET" "${SET_DET[@]}" --name pipeline-mass-detectors)
+step "ablate: cross-task matrix (the executors of task A ablated at the arrows, task B measured)"
+CROSS=$($ICL -q ablate --features "$EXEC" "${SET_EXEC[@]}" --roles arrow --cross-task --name pipeline-cross-task)
+step "ablate: detector → executor link"
+LINK=$($ICL -q ablate link --detectors "$DET" --executors "$EXEC" "${SET_LINK[@]}" --name pipeline-link)
+
+CIRCUITS=()
+for task in ${CIRCUIT_TASKS//,/ }; do
+  step "circuit: $task"
+  CIRCUITS+=("$($ICL -q circuit --model "$MODEL" --task "$task" --saes "$SUITE" --layers "${CIRCUIT_LAYERS:-2-4}" \
+                 --name "pipeline-circuit-$task")")
+done
+CROSS_CIRCUITS=(); [ ${#CIRCUITS[@]} -gt 1 ] && CROSS_CIRCUITS=(--cross-task)
+step "faithfulness: curves of each circuit and the cross-task matrix"
+FAITH=$($ICL -q ablate --circuit "$(IFS=,; echo "${CIRCUITS[*]}")" "${CROSS_CIRCUITS[@]}" --name pipeline-faithfulness)
+
+step "report: figures and $OUT/index.html"
+$ICL report "$TV" "$SAE" "$SAE_PREV" "$CLEAN" "$DCLEAN" "$TOP" "$EXEC" "$DET" "$MASS_EXEC" "$MASS_DET" "$CROSS" "$LINK" \
+  "${CIRCUITS[@]}" "$FAITH" --out "$OUT" --brief
+step "done"

@@ -6,7 +6,7 @@ generic section: parameters, metrics and lineage).
 
 import importlib
 
-for _name in ("collect", "clean", "train_sae", "top_activations", "steer", "ablate", "circuit"):
+for _name in ("collect", "clean", "train_sae", "top_activations", "steer", "ablate", "circuit", "faithfulness"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as exc:

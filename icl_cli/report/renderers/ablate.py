@@ -16,7 +16,9 @@ from icl_cli.report.base import Figure, Renderer, Section, Table, fmt, register
 
 ROLE_COLOURS = {"none": "#bbbbbb", "prompt": "#8c564b", "input": "#1f77b4", "arrow": "#d62728", "output": "#2ca02c",
                 "newline": "#9467bd"}
-PAPER_MASS = {"executors": ("arrow", 89.8, 12), "detectors": ("output", 96.8, 11)}
+MAX_LINK = 40
+"""At most this many detectors (rows) and executors (columns) in the link figure."""
+PAPER_MASS = {"executor": ("arrow", 89.8, 12), "detector": ("output", 96.8, 11)}
 
 
 def _feature_tasks(art) -> dict[int, str]:
@@ -33,15 +35,15 @@ def _feature_tasks(art) -> dict[int, str]:
     return out
 
 
-def _what(art) -> str:
-    """executors | detectors | kept features | given features, from the artifact's feature source."""
+def _what(art) -> tuple[str, str | None]:
+    """(what the features are, executor | detector | None), from the artifact's feature source."""
     src = art.store.get(art.inputs.get("features0", "")) if art.inputs.get("features0") else None
     if src is not None and src.step == "steer":
         mode = src.params.get("mode")
         if art.params.get("set") == "kept":
-            return "kept features"
-        return {"executor": "executors", "detector": "detectors"}.get(mode, "selected features")
-    return "kept features" if src is not None and src.step == "clean" else "given features"
+            return f"kept features at the {mode} layer", mode
+        return {"executor": "executors", "detector": "detectors"}.get(mode, "selected features"), mode
+    return ("kept features" if src is not None and src.step == "clean" else "given features"), None
 
 
 @register("ablate")
@@ -59,7 +61,7 @@ class AblateRenderer(Renderer):
         from icl_cli.ablate_mass import ROW_NAMES, read_h5
 
         r = read_h5(art.file("mass.h5"))
-        what = _what(art)
+        what, mode = _what(art)
         overall = r.percent()
         sec = Section(art.key, art.step, f"Activation mass by token role: {what}", {"set": what, "percent": overall,
                       "tasks": {t: r.percent(t) for t in r.tasks}})
@@ -67,8 +69,8 @@ class AblateRenderer(Renderer):
         sec.notes.append(f"{what.capitalize()} of {len(r.tasks)} tasks on their own few-shot prompts: "
                          + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(overall.items(), key=lambda kv: -kv[1]) if v >= 0.5)
                          + f" (most on {top} tokens).")
-        if what in PAPER_MASS:
-            role, paper, layer = PAPER_MASS[what]
+        if mode in PAPER_MASS:
+            role, paper, layer = PAPER_MASS[mode]
             n_feats = sum(len(v) for v in r.features.values())
             sec.summary["headline"] = [{"finding": f"Activation mass of {what} on {role} tokens",
                                         "ours": f"{overall[role]:.1f}% ({len(r.tasks)} tasks, {n_feats} features)",
@@ -115,7 +117,7 @@ class AblateRenderer(Renderer):
         from icl_cli.ablate import read_h5
 
         r = read_h5(art.file("ablate.h5"))
-        what = _what(art)
+        what, _ = _what(art)
         base = r.base["nll"].numpy()
         delta = r.ablated["nll"].numpy() - base[None, :]
         own = np.array([[s == t for t in r.tasks] for s in r.sets])
@@ -204,20 +206,29 @@ class AblateRenderer(Renderer):
 
         p = plt()
         lab = lambda f: f"{f} ({task_label(names[f])})" if f in names else str(f)  # noqa: E731
-        rows, cols = [lab(d) for d in r.detectors], [lab(e) for e in r.executors]
+        ratio = np.where(np.isfinite(ratio), ratio, np.nan)
+        low = np.nan_to_num(ratio, nan=np.inf)
+        ri = np.argsort(low.min(1), kind="stable")[:MAX_LINK]  # the detectors and executors most affected
+        ci = np.argsort(low.min(0), kind="stable")[:MAX_LINK]
+        ri, ci = np.sort(ri), np.sort(ci)
+        shown = "" if len(ri) == len(r.detectors) and len(ci) == len(r.executors) else \
+            f" ({len(ri)} of {len(r.detectors)} detectors × {len(ci)} of {len(r.executors)} executors: the most affected)"
+        own = r.own.numpy()[np.ix_(ri, ci)]
+        ratio = ratio[np.ix_(ri, ci)]
+        dets, exes = [r.detectors[i] for i in ri], [r.executors[j] for j in ci]
+        rows, cols = [lab(d) for d in dets], [lab(e) for e in exes]
         many = len(cols) > 30
         w = 2.4 + 0.075 * max(map(len, rows)) + 0.24 * len(cols) + 1.0
         fig, ax = p.subplots(figsize=(max(w, 6), 1.8 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
-        heatmap(ax, ratio, rows, cols if not many else [str(e) for e in r.executors], cmap="viridis", vmin=0,
+        heatmap(ax, ratio, rows, cols if not many else [str(e) for e in exes], cmap="viridis", vmin=0,
                 vmax=max(1.0, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0),
                 cbar="executor activation after / before", annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
-        for i in range(len(rows)):
-            for j in range(len(cols)):
-                if bool(r.own[i, j]):
-                    outline(ax, i, j, "tab:red")
+        if own.mean() < 0.5:  # outlining most cells would show nothing
+            for i, j in zip(*np.nonzero(own)):
+                outline(ax, i, j, "tab:red")
         ax.set_xlabel("executor feature (its task)")
         ax.set_ylabel("detector feature removed (its task)")
-        ax.set_title("Detector → executor link: activation kept at the arrows")
+        ax.set_title("Detector → executor link: activation kept at the arrows" + shown, fontsize=10)
         files = save(fig, out, f"ablate-{art.key[:8]}-link")
         return Figure("Detector → executor link matrix", "Each executor's summed activation at the arrows of its tasks' "
                       "prompts after a detector's direction is removed at the output tokens, divided by the clean one "

@@ -52,10 +52,6 @@ class CircuitRenderer(Renderer):
                          f"|IE| ≥ {fmt(a.get('threshold'), 4)}); {g.n_edges} edges; 0.8 faithfulness is reached with "
                          f"{at08 if at08 is not None else '–'} nodes. Metric {a.get('metric')}: m(full) {fmt(a.get('m_full'), 3)}, "
                          f"m(all ablated) {fmt(a.get('m_empty'), 3)}.")
-        summary["headline"] = [{"finding": f"Circuit size at 0.8 faithfulness ({tasks})",
-                                "ours": f"{at08 if at08 is not None else 'not reached'} of {n_feat} feature nodes "
-                                        f"({100 * at08 / max(n_feat, 1):.1f}%)" if at08 is not None else f"not reached ({n_feat} nodes)",
-                                "paper": "about 1000 nodes keep about 0.8 (Gemma-1 2B)"}]
         order = np.argsort(-np.abs(g.ie))
         rows = [[g.site[i], str(int(g.layer[i])), g.role[i], "error" if g.feature[i] < 0 else str(int(g.feature[i])),
                  f"{float(g.ie[i]):+.4f}", f"{float(g.act[i]):.3f}", "yes" if g.selected[i] else ""] for i in order[:15]]
@@ -109,16 +105,24 @@ class CircuitRenderer(Renderer):
     def _graphviz(art, g, idx: np.ndarray, out: Path) -> list[Path]:
         keep = {int(i): k for k, i in enumerate(idx)}
         wmax = float(np.abs(g.edge_weight).max()) if g.n_edges else 1.0
-        lines = ["digraph circuit {", "rankdir=BT; node [shape=box, style=filled, fontname=Helvetica, fontsize=10];"]
+        lines = ["digraph circuit {", "rankdir=LR; newrank=true; nodesep=0.15; ranksep=0.9;",
+                 "node [shape=box, style=filled, fontname=Helvetica, fontsize=10];"]
+        # one rank per (layer, site), in the order they act, tied together by an invisible spine
+        cols = sorted({(int(g.layer[i]), SITE_ORDER.get(g.site[i], 3), g.site[i]) for i in keep})
+        for c, (layer, _, site) in enumerate(cols):
+            lines.append(f'c{c} [label="{site} {layer}", shape=plaintext, style="", fontsize=11];')
+            members = [f"n{k}" for i, k in keep.items() if int(g.layer[i]) == layer and g.site[i] == site]
+            lines.append("{rank=same; " + f"c{c}; " + "; ".join(members) + ";}")
+        lines += [f"c{c} -> c{c + 1} [style=invis];" for c in range(len(cols) - 1)]
         for i, k in keep.items():
             colour = "#9ecae1" if g.ie[i] >= 0 else "#fcae91"
             shape = "diamond" if g.feature[i] < 0 else "box"
-            lines.append(f'n{k} [label="{node_label(g.site[i], int(g.layer[i]), g.role[i], int(g.feature[i]))}\\nIE {g.ie[i]:+.3f}", '
-                         f'fillcolor="{colour}", shape={shape}];')
-        for s, d, w in zip(g.edge_src, g.edge_dst, g.edge_weight):
-            if int(s) in keep and int(d) in keep:
+            feat = "error" if g.feature[i] < 0 else f"#{int(g.feature[i])}"
+            lines.append(f'n{k} [label="{feat} @ {g.role[i]}\\nIE {g.ie[i]:+.3f}", fillcolor="{colour}", shape={shape}];')
+        for s_, d, w in zip(g.edge_src, g.edge_dst, g.edge_weight):
+            if int(s_) in keep and int(d) in keep:
                 pen = 0.5 + 3 * abs(float(w)) / (wmax or 1.0)
-                lines.append(f'n{keep[int(s)]} -> n{keep[int(d)]} [penwidth={pen:.2f}, color="{"#3182bd" if w >= 0 else "#de2d26"}"];')
+                lines.append(f'n{keep[int(s_)]} -> n{keep[int(d)]} [penwidth={pen:.2f}, color="{"#3182bd" if w >= 0 else "#de2d26"}"];')
         lines.append("}")
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"circuit-{art.key[:8]}-graph"

@@ -67,8 +67,8 @@ class SteerRenderer(Renderer):
         feats = [str(r.features[j]) for j in cols]
         rows = [task_label(t) for t in r.tasks]
         width = 2.2 + 0.075 * max(len(s) for s in rows) + 0.2 * len(cols) + 1.0
-        fig, ax = p.subplots(figsize=(max(width, 6), 1.4 + 0.3 * len(rows)))
-        label = "row-normalised effect (cells < 0.2 → 0)" if normalise else "relative loss decrease (base − nll) / base"
+        fig, ax = p.subplots(figsize=(max(width, 6), max(2.8, 1.6 + 0.3 * len(rows))))
+        label = "effect / row max (< 0.2 → 0)" if normalise else "relative loss decrease"
         heatmap(ax, values, rows, feats, cmap="magma", vmin=0, vmax=1, cbar=label, annotate=len(cols) <= 14 and len(rows) <= 24,
                 xrotation=90)
         ax.tick_params(axis="x", labelsize=7 if len(cols) > 30 else 8)

@@ -62,3 +62,34 @@ class TrainSaeRenderer(Renderer):
         fig.tight_layout()
         files = save(fig, out, f"train-sae-{art.key[:8]}-curves")
         return Figure("SAE training curves", "Loss, L0 and FVU on the training batches as training proceeds.", files)
+
+
+def suite_metrics(art) -> dict:
+    """The held-out metrics a suite artifact's manifest lists for the imported dictionary ``art``."""
+    import json
+
+    for suite in art.store.artifacts("suite"):
+        for label, key in suite.inputs.items():
+            if key != art.key:
+                continue
+            kind, layer = label.rsplit(".", 1)
+            manifest = json.loads(suite.file("suite.json").read_text(encoding="utf-8"))
+            for e in manifest.get("dictionaries", []):
+                if e.get("kind") == kind and e.get("layer") == int(layer):
+                    return {k: e[k] for k, _, _ in QUALITY if e.get(k) is not None}
+    return {}
+
+
+@register("import-sae")
+class ImportedSaeRenderer(Renderer):
+    def build(self, art, out: Path | None) -> Section:
+        p = {**art.params, **art.metrics}  # an import's metrics describe the dictionary (site, layer, arch, widths)
+        q = {**suite_metrics(art), **sae_quality(art)}
+        kind = {"resid_pre": "residual SAE", "attn_out": "attention-output SAE", "transcoder": "transcoder"}.get(p.get("site"), "dictionary")
+        sec = Section(art.key, art.step, f"{p.get('arch') or ''} {kind}, layer {p.get('layer')} (imported, {p.get('model')})".strip(),
+                      {"layer": p.get("layer"), "site": p.get("site"), "arch": p.get("arch"), **q})
+        rows = [[label, fmt(q[k], d)] for k, label, d in QUALITY if k in q]
+        rows += [[k, str(p[k])] for k in ("site", "d_in", "d_sae", "source") if p.get(k) is not None]
+        sec.tables.append(Table("dictionary", ["metric", "value"], rows, align="ll",
+                                caption="quality from the suite's manifest (measured when it was trained)" if q else ""))
+        return sec
