@@ -16,7 +16,7 @@
 # Every step is an artifact in the store (./artifacts, or ICL_STORE); a rerun reuses them all.
 # Environment [default]: ICL [.venv/bin/icl], MODEL [toy-icl], TASKS [two per task group; all: the 23], LAYER [where most
 # tasks' task vectors work best], SUITE [toy-icl-suite], CIRCUIT_TASKS [antonyms,en_es,location_continent],
-# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [0.001,0.02], SAE_TOKENS [1000000], OUT [report].
+# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [0.001,0.02], SAE_TOKENS [300000], OUT [report].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
@@ -44,9 +44,9 @@ if [ "$MODEL" = toy-icl ] && SUITE_JSON=$($ICL --json store import-suite "$SUITE
   step "SAEs: the residual SAEs of suite $SUITE at layers $PREV and $LAYER"
 else
   step "train-sae: gated residual SAEs at layers $PREV and $LAYER"
-  # toy-sized: 1M tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
+  # toy-sized: 300k tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
   KEYS=$($ICL -q train-sae --model "$MODEL" --layer "$PREV,$LAYER" --site resid --arch gated \
-          --tokens "${SAE_TOKENS:-1000000}" --batch-tokens 1024 --lr 1e-3 --l1 1 --dataset tasks --name pipeline-sae)
+          --tokens "${SAE_TOKENS:-300000}" --batch-tokens 1024 --lr 1e-3 --l1 1 --dataset tasks --name pipeline-sae)
   SAE_PREV=$(echo "$KEYS" | sed -n 1p)
   SAE=$(echo "$KEYS" | sed -n 2p)
 fi

@@ -87,7 +87,7 @@ def pipeline_cmd(
     circuit_tasks: str = typer.Option("antonyms,en_es,location_continent", "--circuit-tasks", help="Tasks that get a circuit."),
     circuit_layers: str = typer.Option("2-4", "--circuit-layers", help="Layers of the circuits (the suite must cover them)."),
     suite: str = typer.Option("toy-icl-suite", "--suite", help="Dictionary suite for the circuits (and the SAEs when it covers l and l − 1)."),
-    sae_tokens: int = typer.Option(1_000_000, "--sae-tokens", help="Training tokens of each SAE when no suite is used."),
+    sae_tokens: int = typer.Option(300_000, "--sae-tokens", help="Training tokens of each SAE when no suite is used (toy: 300k gives CE recovered ≈ 0.99 at L0 ≈ 200 of 2048; 1M gives L0 ≈ 95)."),
     clean_l1: float = typer.Option(0.005, "--clean-l1", help="λ of task vector cleaning (toy: 0.005; paper: 0.05 on Gemma)."),
     detector_l1: float = typer.Option(0.005, "--detector-l1", help="λ of detector vector cleaning."),
     sweep_l1: str = typer.Option("0.001,0.02", "--sweep-l1", help="Also clean with these λ, for the cleaning sweep figure."),
@@ -185,7 +185,7 @@ def _saes(run: _Runner, gl: Globals, model: str, suite: str, layer: int, prev: i
         run.say(f"SAEs: the residual SAEs of suite {suite} at layers {prev} and {layer}")
         return have[("resid", layer)], have[("resid", prev)], True
     run.say(f"train-sae: gated residual SAEs at layers {prev} and {layer}")
-    # toy-sized: 1M tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
+    # toy-sized: 300k tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
     doc = run.json("train-sae", "--model", model, "--layer", f"{prev},{layer}", "--site", "resid", "--arch", "gated",
                    "--tokens", str(tokens), "--batch-tokens", "1024", "--lr", "1e-3", "--l1", "1", "--dataset", "tasks",
                    "--name", "pipeline-sae", *extra)
