@@ -38,7 +38,9 @@ if [ -z "${LAYER:-}" ]; then
 fi
 PREV=$((LAYER - 1))
 
-if [ "$MODEL" = toy-icl ] && SUITE_JSON=$($ICL --json store import-suite "$SUITE" 2>/dev/null) \
+HAVE_SUITE=0
+SUITE_JSON=$($ICL --json store import-suite "$SUITE" 2>/dev/null) && HAVE_SUITE=1
+if [ $HAVE_SUITE = 1 ] && [ "$(echo "$SUITE_JSON" | json 'd["model"]')" = "$MODEL" ] \
    && SAE=$(echo "$SUITE_JSON" | json "[x['key'] for x in d['dictionaries'] if (x['kind'], x['layer']) == ('resid', $LAYER)][0]" 2>/dev/null) \
    && SAE_PREV=$(echo "$SUITE_JSON" | json "[x['key'] for x in d['dictionaries'] if (x['kind'], x['layer']) == ('resid', $PREV)][0]" 2>/dev/null); then
   step "SAEs: the residual SAEs of suite $SUITE at layers $PREV and $LAYER"
@@ -83,16 +85,20 @@ step "ablate: detector → executor link"
 LINK=$($ICL -q ablate link --detectors "$DET" --executors "$EXEC" "${SET_LINK[@]}" --name pipeline-link)
 
 CIRCUITS=()
+[ $HAVE_SUITE = 1 ] || { echo "no dictionary suite $SUITE, so no circuits (scripts/toy_saes.sh trains one)" >&2; CIRCUIT_TASKS=; }
 for task in ${CIRCUIT_TASKS//,/ }; do
   step "circuit: $task"
   CIRCUITS+=("$($ICL -q circuit --model "$MODEL" --task "$task" --saes "$SUITE" --layers "${CIRCUIT_LAYERS:-2-4}" \
                  --name "pipeline-circuit-$task")")
 done
-CROSS_CIRCUITS=(); [ ${#CIRCUITS[@]} -gt 1 ] && CROSS_CIRCUITS=(--cross-task)
-step "faithfulness: curves of each circuit and the cross-task matrix"
-FAITH=$($ICL -q ablate --circuit "$(IFS=,; echo "${CIRCUITS[*]}")" "${CROSS_CIRCUITS[@]}" --name pipeline-faithfulness)
+FAITH=()
+if [ ${#CIRCUITS[@]} -gt 0 ]; then
+  CROSS_CIRCUITS=(); [ ${#CIRCUITS[@]} -gt 1 ] && CROSS_CIRCUITS=(--cross-task)
+  step "faithfulness: curves of each circuit and the cross-task matrix"
+  FAITH=("$($ICL -q ablate --circuit "$(IFS=,; echo "${CIRCUITS[*]}")" "${CROSS_CIRCUITS[@]}" --name pipeline-faithfulness)")
+fi
 
 step "report: figures and $OUT/index.html"
 $ICL report "$TV" "$SAE" "$SAE_PREV" "$CLEAN" "$DCLEAN" "$TOP" "$EXEC" "$DET" "$MASS_EXEC" "$MASS_DET" "$CROSS" "$LINK" \
-  "${CIRCUITS[@]}" "$FAITH" --out "$OUT" --brief
+  "${CIRCUITS[@]}" "${FAITH[@]}" --out "$OUT" --brief
 step "done"
