@@ -112,6 +112,12 @@ def test_activation_mass_of_executors(env):
     assert sum(data["percent"].values()) == pytest.approx(100.0, abs=1e-3)
     assert data["tasks"]["en_fr"]["features"] == [4]
     assert data["paper"] == {"executors_arrow": 89.8, "detectors_output": 96.8}
+    top = _json(env, "mass", "--features", env["clean"], "--top", "1")
+    from icl_cli.clean import read_h5
+    from icl_cli.store import Store
+
+    _, kept = read_h5(Store(env["store"]).resolve(env["clean"]).file("clean.h5"))
+    assert {t: r["features"] for t, r in top["tasks"].items()} == {t: r.features[:1] for t, r in kept.items() if r.features}
     table = env["ok"]("ablate", "mass", "--features", env["clean"])
     assert "kept features" in table and "all tasks" in table
 

@@ -99,6 +99,15 @@ def _load(gl, s: _Setup, saes: dict):
     return lm, {k: d.to(lm.device) for k, d in saes.items()}
 
 
+def _top(src, top: Optional[int]):
+    """Keep each set's first ``top`` features (a clean artifact lists them by weight, strongest first)."""
+    if top is not None:
+        if top < 1:
+            raise IclError(f"--top must be ≥ 1, not {top}")
+        src.sets = {name: {k: list(ids)[:top] for k, ids in by_key.items()} for name, by_key in src.sets.items()}
+    return src
+
+
 def _inputs(sources: list) -> tuple[dict, dict]:
     """(store inputs, refs of SAEs outside the store) for an artifact key."""
     inputs, outside = {}, {}
@@ -118,6 +127,7 @@ def ablate_cmd(
     features: Optional[str] = typer.Option(None, "--features", help=_FEATURES_HELP),
     sae: List[str] = typer.Option([], "--sae", help="SAE for features given as LAYER:ID (repeatable, one per layer)."),
     which: str = typer.Option("selected", "--set", help="For a steer artifact: selected (executors/detectors) or kept."),
+    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
     roles: str = typer.Option("arrow", "--roles", help="Roles whose features are ablated: prompt,input,arrow,output,newline or all."),
     mode: str = typer.Option("zero", "--mode", help="zero, or mean (the feature's mean activation on tokens of that role)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks to measure (default: the artifact's tasks, or all)."),
@@ -150,7 +160,7 @@ def ablate_cmd(
 
     gl = g(ctx)
     store = gl.store()
-    src = resolve_features(store, features, sae, which)
+    src = _top(resolve_features(store, features, sae, which), top)
     s = _setup(gl, [src], tasks, n_shot, n_prompts, model, roles, mode, cross_task)
     inputs, outside = _inputs([src])
     spec = StepSpec("ablate", {**s.params, "kind": "features", "sets": src.sets, "set": which, "sae_refs": outside},
@@ -217,6 +227,7 @@ def mass_cmd(
     features: str = typer.Option(..., "--features", help=_FEATURES_HELP),
     sae: List[str] = typer.Option([], "--sae", help="SAE for features given as LAYER:ID."),
     which: str = typer.Option("selected", "--set", help="For a steer artifact: selected (executors/detectors) or kept."),
+    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks to measure (default: the artifact's tasks, or all)."),
     n_shot: Optional[int] = typer.Option(None, "--n-shot", help="Examples per prompt (default: the collect artifact's, or 19)."),
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Prompts per task (default: the collect artifact's n-eval, or 32)."),
@@ -232,7 +243,7 @@ def mass_cmd(
 
     gl = g(ctx)
     store = gl.store()
-    src = resolve_features(store, features, sae, which)
+    src = _top(resolve_features(store, features, sae, which), top)
     if len(src.saes) != 1:
         raise IclError("activation mass takes the features of one SAE; pass ids of one layer")
     s = _setup(gl, [src], tasks, n_shot, n_prompts, model)
@@ -284,6 +295,7 @@ def link_cmd(
     det_sae: List[str] = typer.Option([], "--det-sae", help="SAE of detectors given by id (layer l−1)."),
     exe_sae: List[str] = typer.Option([], "--exe-sae", help="SAE of executors given by id (layer l)."),
     which: str = typer.Option("selected", "--set", help="For steer artifacts: selected or kept."),
+    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
     removal: str = typer.Option("project", "--removal", help="project (drop the residual's component), feature (zero the detector) or steer (subtract --scale × direction)."),
     scale: float = typer.Option(25.0, "--scale", help="With --removal steer: the scale of the subtracted unit direction."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks whose prompts are used (default: the artifacts' tasks, or all)."),
@@ -303,8 +315,8 @@ def link_cmd(
         raise IclError(f"--scale must be a finite number, not {scale}")
     gl = g(ctx)
     store = gl.store()
-    det = resolve_features(store, detectors, det_sae, which)
-    exe = resolve_features(store, executors, exe_sae, which)
+    det = _top(resolve_features(store, detectors, det_sae, which), top)
+    exe = _top(resolve_features(store, executors, exe_sae, which), top)
     if len(det.saes) != 1 or len(exe.saes) != 1:
         raise IclError("the link takes detectors of one SAE and executors of one SAE")
     s = _setup(gl, [det, exe], tasks, n_shot, n_prompts, model, cross_task=True)
