@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ICL_THREADS", "1")  # icl commands run in-process and in subprocesses: one thread each
 
 
 @pytest.fixture(scope="session")

@@ -108,8 +108,14 @@ def _globals(
     verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logs and tracebacks."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="Spread a large model over GPUs with accelerate (auto)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow a model repository's own code to run."),
+    threads: Optional[str] = typer.Option(
+        None, "--threads", envvar="ICL_THREADS", metavar="N",
+        help="CPU threads for torch (default: the CPUs available to this process: affinity and cgroup quota)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
+    from icl_cli.core.threads import configure_threads
+
+    configure_threads(threads)  # before any command imports torch
     ctx.obj = Globals(store_path=store, device=device, dtype=dtype, seed=seed, json=json_out, quiet=quiet, verbose=verbose,
                       device_map=device_map, trust_remote_code=trust_remote_code)
 
