@@ -25,10 +25,16 @@ def shade(v: float) -> int:
 
 
 def column_order(effect, max_columns: int) -> list[int]:
-    """Feature indices to show: the ``max_columns`` with the largest effect anywhere, grouped by
-    the task they help most (tasks in row order), by decreasing effect inside a group."""
+    """Feature indices to show: every task's best feature first, then those with the largest effect
+    anywhere, up to ``max_columns``; grouped by the task they help most (tasks in row order), by
+    decreasing effect inside a group."""
     top = effect.max(0)
-    keep = top.values.argsort(descending=True)[:max_columns].tolist()
+    keep = list(dict.fromkeys(effect.argmax(1).tolist()))[:max_columns]
+    for j in top.values.argsort(descending=True).tolist():
+        if len(keep) >= max_columns:
+            break
+        if j not in keep:
+            keep.append(j)
     return sorted(keep, key=lambda j: (int(top.indices[j]), -float(top.values[j])))
 
 

@@ -213,3 +213,12 @@ def test_answer_logits_equal_the_models_own_logits(family):
         for j in range(2):
             p = max(int(pos[b, j]), 0)
             torch.testing.assert_close(got[b, j], full[b, p], rtol=1e-5, atol=1e-5)
+
+
+def test_heatmap_columns_keep_every_tasks_best_feature_and_group_them():
+    from icl_cli.steer_view import column_order
+
+    eff = torch.tensor([[0.1, 0.0, 0.9, 0.8, 0.0], [0.05, 0.3, 0.0, 0.0, 0.7], [0.2, 0.0, 0.0, 0.0, 0.0]])
+    # the best features are 2 (row 0), 4 (row 1), 0 (row 2); one more column: the next largest, 3
+    assert column_order(eff, 4) == [2, 3, 4, 0]
+    assert column_order(eff, 2) == [2, 4]
