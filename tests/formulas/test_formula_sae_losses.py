@@ -248,3 +248,15 @@ def test_folding_the_scale_reproduces_the_training_space_dictionary(arch):
     d.fold_normalisation(n, n)
     torch.testing.assert_close(d.encode(x), want_acts, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(d(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gated_training_gate_is_strict_like_encode():
+    """π = 0 exactly (input = b_dec, zero gate bias) is off, in training as in encode."""
+    d = make("gated")
+    with torch.no_grad():
+        d.b_gate[:6] = 0.0
+        d.b_mag[:6] = 0.5  # the magnitude path alone would fire
+    x = torch.cat([d.b_dec.detach()[None], data(n=4)])
+    parts = d.training_loss(x, x, 0.1)
+    assert not parts.fired[0, :6].any()
+    assert torch.equal(parts.fired, d.encode(x) > 0)
