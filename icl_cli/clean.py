@@ -10,11 +10,11 @@ For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
 5. Adam; stop when L0 = #{a(θ) > 0} has not reached a new minimum for ``patience`` steps (or
    has reached 0); return the θ at the minimum L0.
 6. λ auto (``p.l1`` None): 0-shot validation prompts whose queries are training pairs no
-   training prompt asks; clean with each λ of ``p.l1_grid`` from the largest down and keep the
-   first whose validation nll ≤ (1 + ``p.l1_tolerance``) × the raw vector's + ``p.l1_slack`` nats
-   (if none passes, the
-   λ with the lowest validation nll). Large λs stop early (their L0 bottoms out fast), so the
-   search costs a few short runs on top of the one that passes.
+   training prompt asks; a λ of ``p.l1_grid`` passes when its cleaned vector's validation nll ≤
+   (1 + ``p.l1_tolerance``) × the raw vector's + ``p.l1_slack`` nats. Keep the largest passing λ:
+   the first task walks down from the largest λ; each next task starts at the λ the previous one
+   chose and moves up while λs pass, or down until one passes (choose_l1). If none passes, the
+   λ with the lowest validation nll.
 Baselines on the same held-out prompts: 0-shot, raw TV, SAE reconstruction, gradient pursuit
 with k = 5 and 20. ``detectors``: clean DV[t, l] instead, steering at the output token of a
 dummy example "X -> Y" prepended to the 0-shot prompt (METHODS §6).
@@ -132,34 +132,54 @@ def validation_queries(train: Sequence[tuple[str, str]], used: Sequence[Prompt])
 
 
 def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, layer: int, v: Tensor, p: CleanParams,
-              mask_tr: Tensor, mask_val: Tensor) -> tuple[float, Cleaned, dict]:
-    """Step 6 above: (λ, its cleaned vector, the record of every λ tried)."""
+              mask_tr: Tensor, mask_val: Tensor, start: float | None = None) -> tuple[float, Cleaned, dict]:
+    """Step 6 above: (λ, its cleaned vector, the record of every λ tried, in the order tried).
+
+    From ``start`` (a λ of the grid; default its largest): while the λ passes, try the next
+    larger one; once one fails, try smaller ones until one passes. So it returns a passing λ whose
+    next larger λ fails, which is the largest passing λ whenever passing is monotone in λ (a
+    smaller λ never does worse), and exactly the largest passing one when ``start`` is the top.
+    """
     def val_nll(vec: Tensor) -> float:
         with torch.no_grad():
             return scores(steered_logits(hm, cache_val, layer, vec, mask=mask_val), cache_val.batch).nll
 
     base = val_nll(v)
     limit = base * (1 + p.l1_tolerance) + p.l1_slack
+    grid = p.l1_grid  # largest first
     tried: dict[str, list] = {"l1": [], "l0": [], "val_nll": [], "steps": []}
-    best = None
-    for lam in p.l1_grid:  # largest first
-        c = clean_vector(hm, sae, cache_tr, layer, v, p, lam, mask_tr)
-        nll_val = val_nll(c.vector)
-        for k, x in (("l1", lam), ("l0", c.l0), ("val_nll", nll_val), ("steps", c.steps)):
-            tried[k].append(x)
-        if best is None or nll_val < best[2]:
-            best = (lam, c, nll_val)
-        if nll_val <= limit:
-            return lam, c, {**tried, "val_nll_tv": base, "limit": limit, "passed": True}
-    lam, c, _ = best
-    return lam, c, {**tried, "val_nll_tv": base, "limit": limit, "passed": False}
+    done: dict[int, tuple[Cleaned, float]] = {}
+
+    def passes(i: int) -> bool:
+        if i not in done:
+            c = clean_vector(hm, sae, cache_tr, layer, v, p, grid[i], mask_tr)
+            done[i] = (c, val_nll(c.vector))
+            for k, x in (("l1", grid[i]), ("l0", c.l0), ("val_nll", done[i][1]), ("steps", c.steps)):
+                tried[k].append(x)
+        return done[i][1] <= limit
+
+    i = grid.index(start) if start in grid else 0
+    if passes(i):
+        while i > 0 and passes(i - 1):
+            i -= 1
+        chosen, passed = i, True
+    else:
+        while i + 1 < len(grid) and not passes(i + 1):
+            i += 1
+        passed = i + 1 < len(grid)
+        chosen = i + 1 if passed else min(done, key=lambda j: (done[j][1], j))
+    record = {**tried, "val_nll_tv": base, "limit": limit, "passed": passed}
+    return grid[chosen], done[chosen][0], record
 
 
 def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tensor, p: CleanParams,
-               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None) -> CleanResult:
+               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None,
+               l1_start: float | None = None) -> CleanResult:
     """Clean one task's vector and score every method on held-out prompts.
 
     split = (n_eval, seed) of the collect step, so the held-out queries are the ones it held out.
+    l1_start: where --l1 auto's search starts (the previous task's λ: tasks cleaned with one SAE
+    tend to need similar λs, so the search usually runs two λs instead of walking down the grid).
     """
     train, heldout = task_split(task, *split)
     tr = _prompts(train, train, p.n_train, p.seed + 3, p.detectors, template, task.name)
@@ -172,7 +192,7 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
         val = _prompts(train, validation_queries(train, tr), p.n_val, p.seed + 4, p.detectors, template, task.name)
         cache_val = BaseCache.build(hm, tokenizer, val, [layer], n_first, device)
         l1, cleaned, auto = choose_l1(hm, sae, cache_tr, cache_val, layer, v, p, mask_tr,
-                                      steer_mask(cache_val.batch, p.detectors))
+                                      steer_mask(cache_val.batch, p.detectors), start=l1_start)
     else:
         l1, auto = p.l1, {}
         cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, l1, mask_tr)

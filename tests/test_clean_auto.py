@@ -33,6 +33,13 @@ def env(tiny_lm):
     return hm, task, cp, r.tv[LAYER], sae
 
 
+@pytest.fixture(scope="module")
+def top_down(tiny_lm, env):
+    """--l1 auto from the top of GRID (what a first task gets)."""
+    hm, task, cp, v, sae = env
+    return clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(), (cp.n_eval, cp.seed))
+
+
 def _params(**kw) -> CleanParams:
     base = dict(l1=None, l1_grid=GRID, l1_tolerance=0.0, l1_slack=0.0, max_steps=40, patience=10, lr=0.05, n_train=8, n_val=8)
     return CleanParams(**{**base, **kw})
@@ -76,10 +83,10 @@ def _steered_nll(lm, prompts, vec) -> float:
     return total / len(prompts)
 
 
-def test_auto_keeps_the_largest_lambda_whose_validation_nll_passes(tiny_lm, env):
+def test_auto_keeps_the_largest_lambda_whose_validation_nll_passes(tiny_lm, env, top_down):
     hm, task, cp, v, sae = env
     p = _params()
-    res = clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, p, (cp.n_eval, cp.seed))
+    res = top_down
     val = _validation_prompts(task, cp, p)
     base = _steered_nll(tiny_lm, val, v)
     assert res.auto["val_nll_tv"] == pytest.approx(base, rel=1e-4)
@@ -184,3 +191,15 @@ def test_cleaning_stops_once_no_feature_is_left(tiny_lm, env):
     out = clean_vector(hm, sae, cache, LAYER, v, p, p.l1, steer_mask(cache.batch, False))
     assert out.l0 == 0 and (out.acts == 0).all()
     assert out.steps < p.patience  # stopped when L0 hit 0, not `patience` steps later
+
+
+@pytest.mark.parametrize("start", [0.03, 0.0, 3.0])
+def test_a_search_started_elsewhere_finds_the_same_lambda(tiny_lm, env, top_down, start):
+    """From the previous task's λ the search walks up while λs pass and down while they fail:
+    on this (monotone) grid it ends at the λ the top-down search picks, trying fewer λs."""
+    hm, task, cp, v, sae = env
+    top = top_down
+    res = clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(), (cp.n_eval, cp.seed), l1_start=start)
+    assert res.l1 == top.l1 == 0.03 and res.features == top.features
+    expected = {0.03: [0.03, 0.3], 0.0: [0.0, 0.03, 0.3], 3.0: [3.0, 0.3, 0.03]}[start]
+    assert res.auto["l1"] == expected

@@ -126,6 +126,7 @@ def clean_cmd(
         _, results = read_collect(tv_art.file("collect.h5"))
         j = layers.index(lay)
         out = {}
+        start = None  # --l1 auto: each task's search starts at the previous task's λ
         with task_progress(gl, len(names), "clean") as advance:
             for i, t in enumerate(names):
                 advance(t)
@@ -134,10 +135,11 @@ def clean_cmd(
                 if done is None:
                     v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
                     done = clean_task(hm, lm.tokenizer, dd, suite[t], lay, v, p, (cp["n_eval"], cp["seed"]),
-                                      cp["template"], cp["n_first"], lm.device)
+                                      cp["template"], cp["n_first"], lm.device, l1_start=start)
                     done.flags = flags[t]
                     done.save(part)
                 out[t] = done
+                start = done.l1 if p.auto else None
         with st.h5("clean.h5") as f:
             write_h5(f, lay, out, meta)
         holder["data"] = (lay, out)
