@@ -200,13 +200,16 @@ def load_model(
     name_or_path: str,
     device: str = "auto",
     dtype: str = "auto",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    offload_folder: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with frozen parameters.
 
     name_or_path: preset (PRESETS), local folder or HF id. device: see resolve_device (ignored
-    when device_map is given, e.g. "auto" to spread a large model over GPUs with accelerate).
+    when device_map is given: "auto" spreads a large model over the GPUs with accelerate, or a
+    dict module name -> device | "cpu" | "disk"). Weights accelerate puts on "disk" go to
+    ``offload_folder`` (default: a temporary folder removed at exit).
     """
     import torch
     import transformers as tr
@@ -234,7 +237,10 @@ def load_model(
     if config.model_type == "gemma2":
         kwargs["attn_implementation"] = "eager"  # attention-logit soft-capping (HF's advice for Gemma-2)
     if device_map is not None:
+        from icl_cli.core.placement import default_offload_folder
+
         kwargs["device_map"] = device_map
+        kwargs["offload_folder"] = offload_folder or default_offload_folder()
     tokenizer = hub_call(tr.AutoTokenizer.from_pretrained, source, trust_remote_code=trust_remote_code)
     model = hub_call(tr.AutoModelForCausalLM.from_pretrained, source, config=config, **kwargs)
     if device_map is None:
@@ -245,6 +251,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; positions are masked anyway
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from icl_cli.core.placement import input_device
+
     embed = model.get_input_embeddings().weight
     return LoadedModel(
         model=model,
@@ -254,8 +262,8 @@ def load_model(
         family=config.model_type,
         n_layers=int(text.num_hidden_layers),
         d_model=int(text.hidden_size),
-        device=embed.device,
-        dtype=embed.dtype,
+        device=input_device(model),
+        dtype=embed.dtype,  # a meta tensor (offloaded) keeps its dtype
     )
 
 

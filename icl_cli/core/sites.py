@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from icl_cli.core.arch import locate, model_family
+from icl_cli.core.placement import input_device
 from icl_cli.errors import IclError
 
 SITE_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
@@ -183,7 +184,7 @@ class HookedModel:
             stop_after=stop_after,
         )
         self._check(st, input_ids)
-        device = self._loc.embed.weight.device
+        device = input_device(self.model)  # with a device map: the embedding's execution device
         input_ids = input_ids.to(device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
