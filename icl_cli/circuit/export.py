@@ -135,7 +135,7 @@ def attribution_graph(g: CircuitGraph) -> dict:
              for s, d, w in zip(g.edge_src.tolist(), g.edge_dst.tolist(), g.edge_weight.tolist())
              if s in ids and d in ids]
 
-    attrs = g.attrs
+    attrs = {k: _py(v) for k, v in g.attrs.items()}
     metric = str(attrs.get("metric", "metric"))
     m_full = attrs.get("m_full")
     p = math.exp(min(float(m_full), 0.0)) if isinstance(m_full, (int, float)) else 0.0
@@ -168,10 +168,23 @@ def attribution_graph(g: CircuitGraph) -> dict:
         "prompt": g.prompts[0] if g.prompts else "",
         "prompt_tokens": tokens,
         "info": {"description": description, "generator": {"name": "icl circuit", "url": ""}},
-        "icl": {k: v for k, v in attrs.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
+        "icl": {k: v for k, v in attrs.items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))},
     }
     qparams = {"pinnedIds": pinned, "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
+
+
+def _py(value):
+    """numpy scalars and arrays (also inside lists and dicts) as plain Python, for JSON."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_py(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _py(v) for k, v in value.items()}
+    return value
 
 
 # ---- Graphviz ----------------------------------------------------------------------------------

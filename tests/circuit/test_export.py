@@ -169,6 +169,18 @@ def test_no_svg_without_dot(tmp_path, monkeypatch):
     assert not (tmp_path / "graph.svg").exists() and len(paths) == 3
 
 
+def test_numpy_attributes_export(tmp_path):
+    g = small_graph()
+    g.attrs.update(m_full=np.float32(-0.25), faithfulness=np.float32(0.97), layers=[np.int64(2), np.int64(3)],
+                   n_prompts=np.int64(8))
+    write_exports(tmp_path, g)
+    doc = json.loads((tmp_path / "graph.json").read_text())
+    assert doc["metadata"]["icl"]["layers"] == [2, 3] and doc["metadata"]["icl"]["n_prompts"] == 8
+    logit = next(n for n in doc["nodes"] if n["feature_type"] == "logit")
+    assert math.isclose(logit["token_prob"], math.exp(-0.25), rel_tol=1e-6)
+    assert "faithfulness 0.970" in doc["metadata"]["info"]["description"]
+
+
 def test_empty_circuit_exports(tmp_path):
     g = small_graph()
     g.selected[:] = False
