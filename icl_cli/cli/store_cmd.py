@@ -251,14 +251,12 @@ def import_suite_cmd(
     name: Optional[str] = typer.Option(None, "--name", help="Name the suite NAME and each dictionary NAME.KIND.LAYER (default: the suite's own name)."),
 ) -> None:
     """Import a dictionary suite (resid / attn / transcoder per layer) for `icl circuit --saes`."""
-    from icl_cli.dictionaries.suite import import_suite
+    from icl_cli.dictionaries.suite import KINDS, import_suite, suite_name
 
     gl = g(ctx)
-    store = gl.store()
-    folder_name = Path(ref).name if Path(ref).expanduser().is_dir() else ref
-    suite = import_suite(store, ref, name=name or folder_name, log=_say(gl))
+    suite = import_suite(gl.store(), ref, name=name or suite_name(ref), log=_say(gl))
     rows = [{"kind": k, "layer": layer, "key": key, "name": f"{suite.name}.{k}.{layer}"}
-            for (k, layer), key in sorted(suite.member_keys.items(), key=lambda kv: (kv[0][1], kv[0][0]))]
+            for (k, layer), key in sorted(suite.member_keys.items(), key=lambda kv: (kv[0][1], KINDS.index(kv[0][0])))]
 
     def table() -> Table:
         t = Table(title=f"suite {suite.name} ({suite.model}) {suite.key[:12]}")

@@ -139,6 +139,14 @@ def _resolve_folder(ref: str) -> Path | None:
     return path.absolute() if path.is_dir() else None
 
 
+def suite_name(ref: str) -> str:
+    """The name a suite folder (or bundled suite) calls itself: its manifest's, else the folder's."""
+    folder = _resolve_folder(ref)
+    if folder is None:
+        raise IclError(f"no suite folder at {ref!r}: give {', '.join(BUNDLED)} or a folder with {MANIFEST}")
+    return read_manifest(folder).get("name") or folder.name
+
+
 # ---- the store ----------------------------------------------------------------------------
 def import_suite(store, ref: str, name: str | None = None, log=None) -> Suite:
     """Import the suite folder `ref` (or a bundled suite's name) into `store`.

@@ -163,7 +163,8 @@ def test_import_suite_command(tmp_path):
     res = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "--json", "store", "import-suite", str(folder)])
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
-    assert data["name"] == "my-suite" and len(data["dictionaries"]) == 6
-    assert {d["name"] for d in data["dictionaries"]} >= {"my-suite.resid.0", "my-suite.transcoder.1"}
+    assert data["name"] == "tiny-suite" and len(data["dictionaries"]) == 6  # the manifest's name
+    assert [(d["kind"], d["layer"]) for d in data["dictionaries"]][:3] == [("resid", 0), ("attn", 0), ("transcoder", 0)]
+    assert {d["name"] for d in data["dictionaries"]} >= {"tiny-suite.resid.0", "tiny-suite.transcoder.1"}
     res = CliRunner().invoke(app, ["--store", str(tmp_path / "store"), "store", "import-suite", str(tmp_path / "nope")])
     assert res.exit_code == 1 and "no suite folder" in res.output
