@@ -113,7 +113,7 @@ def test_clean_tables_name_methods_sae_and_lambda():
 
     data = clean_summary("e" * 64, 5, CLEAN, META)
     text = _render(_tables(data))
-    summary = text[text.index("summary"):]
+    summary = text[text.index("Summary:"):]
     for name in ("0-shot, no vector", "raw task vector", "SAE reconstruction", "gradient pursuit, k = 5",
                  "gradient pursuit, k = 20", "cleaned"):
         assert name in summary

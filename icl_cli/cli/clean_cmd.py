@@ -225,6 +225,8 @@ def _tables(data: dict) -> list:
     """Per task: kept features, L0 and held-out nll of each method; then the summary block."""
     from rich.table import Table
 
+    from rich.text import Text
+
     from icl_cli.clean_io import SHORT, flag_note, l1_text
 
     what = "detector" if data.get("detectors") else "task"
@@ -243,16 +245,18 @@ def _tables(data: dict) -> list:
                     ", ".join(SHORT[f] for f in r.get("flags", [])))
     if any(not r.get("auto", {}).get("passed", True) for r in data["tasks"].values()):
         tab.caption = "λ! : no λ of the grid kept the validation nll within tolerance; the one with the lowest was used"
-    return [tab, _summary(data, l1_text(data), flag_note(data))]
+    head = (f"\nSummary: held-out 0-shot prompts, vector added at the arrow of resid_pre[{data['layer']}].\n"
+            f"SAE {data.get('sae_label') or data.get('sae')}\n{l1_text(data)}")
+    return [tab, Text(head), *_summary(data, flag_note(data))]
 
 
-def _summary(data: dict, lam: str, flags: str):
+def _summary(data: dict, flags: str) -> list:
     from rich.table import Table
+    from rich.text import Text
 
     s_all, s_ok = data["summary"]["all"], data["summary"]["unflagged"]
     both = s_ok["n_tasks"] not in (0, s_all["n_tasks"])
-    tab = Table(title=f"summary: means over {s_all['n_tasks']} tasks of held-out 0-shot prompts, vector added at the "
-                      f"arrow of resid_pre[{data['layer']}]\nSAE {data.get('sae_label') or data.get('sae')}; {lam}")
+    tab = Table(title=f"summary: means over {s_all['n_tasks']} tasks", title_justify="left")
     tab.add_column("method")
     for col in ("L0", "nll", "accuracy") + ((f"nll ({s_ok['n_tasks']} unflagged)", "accuracy (unflagged)") if both else ()):
         tab.add_column(col, justify="right")
@@ -262,7 +266,7 @@ def _summary(data: dict, lam: str, flags: str):
         extra = (f(ok.get("nll"), 3), f(ok.get("acc"), 2)) if both else ()
         tab.add_row(row["name"], f(row["l0"], 1), f(row["nll"], 3), f(row["acc"], 2), *extra,
                     style="bold" if m == "cleaned" else None)
-    tab.caption = (f"cleaned L0 / reconstruction L0 (mean of per-task ratios): {f(s_all['l0_fraction'], 2)}; "
-                   f"loss delta (nll TV − nll cleaned)/nll 0-shot: {f(s_all['loss_delta'], 3)}"
-                   + (f" ({f(s_ok['loss_delta'], 3)} unflagged)" if both else "") + f"\n{flags}")
-    return tab
+    notes = (f"cleaned L0 / reconstruction L0 (mean of per-task ratios): {f(s_all['l0_fraction'], 2)}\n"
+             f"loss delta (nll TV − nll cleaned)/nll 0-shot: {f(s_all['loss_delta'], 3)}"
+             + (f" ({f(s_ok['loss_delta'], 3)} unflagged)" if both else "") + f"\n{flags}")
+    return [tab, Text(notes)]
