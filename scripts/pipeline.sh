@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
 PY=${PY:-.venv/bin/python}
 MODEL=${MODEL:-toy-icl}
-TASKS=${TASKS:-antonyms,singular_plural,present_simple_past_simple,en_es,fr_en,location_language,location_continent,algo_last}
+TASKS=${TASKS:-antonyms,singular_plural,en_es,en_fr,location_continent,location_religion,algo_last,algo_second}
 SUITE=${SUITE:-toy-icl-suite}
 CIRCUIT_TASKS=${CIRCUIT_TASKS:-antonyms,en_es,location_continent}
 OUT=${OUT:-report}
