@@ -4,6 +4,7 @@
     icl train-sae --site transcoder --layer 2,3 --arch topk --k 16
     icl train-sae --model gemma-1-2b --layer 12 --width 32768 --dataset HuggingFaceFW/fineweb
     KEY=$(icl -q train-sae --layer 3)
+    torchrun --nproc-per-node 4 -m icl_cli train-sae --layer 12   # data-parallel (train_sae/distributed.py)
 """
 
 from __future__ import annotations
@@ -54,14 +55,23 @@ def register(app: typer.Typer) -> None:
         from icl_cli.core.layers import parse_layers
 
         say = lambda m: stderr_console().print(m, style="dim", markup=False)  # noqa: E731
-        results = None if force else _all_reused(gl, cfg, layer, name, say)
+        from icl_cli.train_sae.distributed import init_from_env, launched
+
+        # under torchrun every rank must take the same path: no shortcut that skips the model
+        results = None if (force or launched()) else _all_reused(gl, cfg, layer, name, say)
         if results is None:
             from icl_cli.train_sae.run import train_sae_artifacts
 
+            grp = init_from_env()
             lm = load_lm(gl, model)
             cfg.layers = parse_layers(layer, lm.n_layers)
             if not cfg.layers:
                 raise IclError("give at least one --layer")
+            if not grp.leader:  # rank 0 reports, publishes and prints
+                train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force)
+                return
+            if grp.active:
+                say(f"data-parallel over {grp.world} processes")
             with _progress_bar(gl) as progress:
                 results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
                                               progress=progress, log=say)

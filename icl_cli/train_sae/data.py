@@ -216,17 +216,28 @@ class ActivationSource:
             if not batch:
                 break
             self.position += len(batch)
-            ids, mask = pad_batch(batch, self.pad_id)
-            sites = {s for pair in self.reads for s in pair if s is not None}
-            out = self.hm.run(ids.to(self.device), mask.to(self.device), read=sites, stop_after=self.stop_after)
-            keep = token_mask(mask, self.has_bos).to(self.device)
-            xs.append(torch.stack([out.acts[i][keep] for i, _ in self.reads], 1).to(self.dtype))
-            if any(o is not None for _, o in self.reads):
-                ts.append(torch.stack([out.acts[o if o is not None else i][keep] for i, o in self.reads], 1).to(self.dtype))
+            x, t = self.forward_chunks(batch)
+            xs.append(x)
+            if t is not None:
+                ts.append(t)
             got += xs[-1].shape[0]
         if not xs:
             return torch.empty(0), None
         return torch.cat(xs), (torch.cat(ts) if ts else None)
+
+    @torch.no_grad()
+    def forward_chunks(self, batch: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+        """One forward pass over ``batch`` (token id lists): x [N, n_dict, d_in] at the kept
+        tokens (row-major), t [N, n_dict, d_out] or None (distributed.py splits this over ranks)."""
+        ids, mask = pad_batch(batch, self.pad_id)
+        sites = {s for pair in self.reads for s in pair if s is not None}
+        out = self.hm.run(ids.to(self.device), mask.to(self.device), read=sites, stop_after=self.stop_after)
+        keep = token_mask(mask, self.has_bos).to(self.device)
+        x = torch.stack([out.acts[i][keep] for i, _ in self.reads], 1).to(self.dtype)
+        t = None
+        if any(o is not None for _, o in self.reads):
+            t = torch.stack([out.acts[o if o is not None else i][keep] for i, o in self.reads], 1).to(self.dtype)
+        return x, t
 
 
 class ShuffleBuffer:

@@ -10,6 +10,10 @@ Each layer's weights depend only on its own key (trainer.init_generator), so whi
 together changes nothing. The run holds the locks of all its pending keys until they are
 published: a second process asking for the same layers waits, then reuses them (if it asked for
 other layers too, it trains only those still missing).
+
+Under torchrun (distributed.py) rank 0 does all of the above; before each group it trains it
+sends the group's layers and work dir to the other ranks, which train alongside it and publish
+nothing (``follow``), until rank 0 sends None.
 """
 
 from __future__ import annotations
@@ -55,8 +59,37 @@ def train_sae_artifacts(
     store, cfg: TrainConfig, lm, resume: bool = False, name: str | None = None, force: bool = False,
     progress: Callable[[dict], None] | None = None, log: Callable[[str], None] | None = None,
 ) -> list[SaeArtifact]:
-    from icl_cli.store import StepSpec
+    from icl_cli.train_sae import distributed as dist
+
+    grp = dist.current()
+    if grp.active and not grp.leader:
+        return follow(cfg, lm, grp, resume)
+    try:
+        return _leader(store, cfg, lm, resume, name, force, progress, log, grp)
+    finally:
+        dist.broadcast_object(None, grp)  # releases the other ranks
+
+
+def follow(cfg: TrainConfig, lm, grp, resume: bool) -> list[SaeArtifact]:
+    """A rank other than 0: train each group rank 0 announces (its work dir for --resume), return
+    nothing (rank 0 publishes)."""
+    from pathlib import Path
+
+    from icl_cli.train_sae import distributed as dist
+    from icl_cli.train_sae.trainer import train_dictionaries
+
+    cfg = cfg.resolved(lm.d_model, lm.n_layers)
+    while True:
+        msg = dist.broadcast_object(None, grp)
+        if msg is None:
+            return []
+        layers, work_dir = msg
+        train_dictionaries(replace(cfg, layers=layers), lm, work_dir=Path(work_dir), resume=resume)
+
+
+def _leader(store, cfg, lm, resume, name, force, progress, log, grp) -> list[SaeArtifact]:
     from icl_cli.store.lock import key_lock
+    from icl_cli.train_sae import distributed as dist
     from icl_cli.train_sae.trainer import train_dictionaries
 
     from icl_cli.core.identity import model_fingerprint
@@ -76,6 +109,7 @@ def train_sae_artifacts(
                 # published some layers meanwhile); layers are independent, so the result is the same
                 todo = [l for l in pending if l not in trained and (force or store.lookup(specs[l]) is None)]
                 group = replace(cfg, layers=todo if layer in todo else [layer])
+                dist.broadcast_object((group.layers, str(st.work_dir)), grp)  # the other ranks join
                 for r in train_dictionaries(group, lm, work_dir=st.work_dir, resume=resume, progress=progress):
                     trained[r.layer] = r
             trained[layer].sae.cfg.extra["model_fingerprint"] = fingerprint

@@ -16,6 +16,8 @@
    same weights as an uninterrupted one. A NaN loss stops the run and keeps the last good checkpoint.
 6. At the end the input scale is folded into the weights and the dictionaries are evaluated on
    held-out tokens (evaluate.py).
+7. Under torchrun the forward passes and each step's batch are split over the ranks, gradients and
+   metrics all-reduced (distributed.py): the result is that of one process with the same batch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import Tensor
 from icl_cli.dictionaries import DictConfig, Dictionary, build
 from icl_cli.errors import IclError
 from icl_cli.train_sae import checkpoint as ckpt
+from icl_cli.train_sae import distributed as dist
 from icl_cli.train_sae.config import SITE_KINDS, TrainConfig
 from icl_cli.train_sae.data import ActivationSource, ShuffleBuffer, chunk_stream
 from icl_cli.train_sae.evaluate import evaluate
@@ -110,6 +113,7 @@ def train_dictionaries(
 
     cfg = cfg.resolved(lm.d_model, lm.n_layers)
     device = torch.device(lm.device) if not isinstance(lm.device, torch.device) else lm.device
+    grp = dist.current()
     hm = HookedModel(lm.model)
     reads = site_reads(cfg.site, cfg.layers)
     n = len(reads)
@@ -135,7 +139,10 @@ def train_dictionaries(
         raise IclError(f"the dataset {cfg.dataset!r} yielded no tokens; check --dataset")
     rows = max(1, min(64, cfg.batch_tokens // ctx))
     store_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    src = ActivationSource(hm, lm.tokenizer, train_chunks, reads, rows, device, store_dtype)
+    if grp.active:
+        src = dist.ShardedSource(hm, lm.tokenizer, train_chunks, reads, rows, device, store_dtype, group=grp)
+    else:
+        src = ActivationSource(hm, lm.tokenizer, train_chunks, reads, rows, device, store_dtype)
     buf = ShuffleBuffer(src, cfg.buffer_batches * cfg.batch_tokens, g_data)
     st = _State(n, cfg.width)
 
@@ -164,7 +171,7 @@ def train_dictionaries(
         buf.exhausted = meta["exhausted"]
         resumed_at = st.step
     else:
-        if work_dir is not None:
+        if work_dir is not None and grp.leader:
             for name in (ckpt.LATEST, ckpt.PREVIOUS):
                 (work_dir / name).unlink(missing_ok=True)
         buf._refill()
@@ -178,12 +185,14 @@ def train_dictionaries(
             for i, d in enumerate(dicts):  # start the decoder bias at the mean target
                 d.b_dec.copy_(target0[:, i].float().contiguous().mean(0) * st.n_out[i].to(target0.device))
 
+    dist.broadcast_params(params, grp)  # identical already (same seeds, same buffer); made certain
     n_in, n_out = st.n_in.to(device), st.n_out.to(device)
     t_start, tok_start = time.perf_counter(), st.tokens
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     while st.step < total_steps:
         step = st.step
-        if work_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step > 0 and step != resumed_at:
+        if (work_dir is not None and grp.leader and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                and step > 0 and step != resumed_at):
             _save(work_dir, dicts, opt, g_data, g_init, st, buf, src, identity)
         if step in resample_steps and step != resumed_at:
             _resample(dicts, opt, buf, st, n_in, n_out, g_init)
@@ -196,47 +205,57 @@ def train_dictionaries(
         if x.shape[0] == 0:
             break  # a finite dataset ran out
         B = x.shape[0]
+        rows_r, weight, counts_here = dist.local_rows(B, grp)  # all rows with one process
         total = torch.zeros((), device=device)
         stats = []
         with amp:
             for i, d in enumerate(dicts):
-                xi = x[:, i].float() * n_in[i]
-                ti = (t[:, i].float() if t is not None else x[:, i].float()) * n_out[i]
+                t_all = (t[:, i] if t is not None else x[:, i]).float() * n_out[i]  # [B, d_out]
+                xi = x[rows_r, i].float() * n_in[i]
+                ti = t_all[rows_r]
                 dead = (st.tokens - st.last_fired[i]) > dead_window if cfg.arch == "topk" else None
                 parts = d.training_loss(xi, ti, coeff, None if dead is None else dead.to(device))
                 total = total + parts.loss
-                var = (ti - ti.mean(0)).pow(2).sum(-1).mean()
+                var = (t_all - t_all.mean(0)).pow(2).sum(-1).mean()  # over the global batch
                 stats.append((parts, var))
-        if not torch.isfinite(total):
-            raise _nan_error(work_dir, step)
+        # [n, 2]: loss and MSE, weighted so the sum over ranks is the global batch mean
+        losses = dist.all_reduce_sum(torch.stack([torch.stack([p.loss.detach().float(), p.mse.detach().float()])
+                                                  for p, _ in stats]) * weight, grp)
+        if not torch.isfinite(losses).all():
+            raise _nan_error(work_dir if grp.leader else None, step)
         opt.zero_grad(set_to_none=True)
         total.backward()
+        dist.all_reduce_grads(params, weight, grp)
         opt.step()
         for d in dicts:
             d.after_step()
 
+        # [n, d_sae] firings per feature over the global batch
+        counts = torch.stack([p.fired.sum(0) if counts_here else torch.zeros_like(p.fired[0], dtype=torch.long)
+                              for p, _ in stats]).long()
+        counts = dist.all_reduce_sum(counts, grp).cpu()
         st.tokens += B
         st.step += 1
-        for i, (parts, var) in enumerate(stats):
-            fired = parts.fired.any(0).cpu()
+        for i in range(n):
+            fired = counts[i] > 0
             st.last_fired[i][fired] = st.tokens
             st.fired_since_resample[i] |= fired
             if step >= late_from:
-                st.late_counts[i] += parts.fired.sum(0).cpu()
+                st.late_counts[i] += counts[i]
         if step >= late_from:
             st.late_tokens += B
-        l0s = [float(p.fired.sum(-1).float().mean()) for p, _ in stats]
-        fvus = [float(p.mse.detach() / v.clamp_min(1e-12)) for p, v in stats]
+        l0s = [float(counts[i].sum()) / B for i in range(n)]
+        fvus = [float(losses[i, 1] / v.clamp_min(1e-12)) for i, (_, v) in enumerate(stats)]
         if step % log_every == 0 or st.step == total_steps:
-            for i, (parts, _) in enumerate(stats):
+            for i in range(n):
                 c = st.curves[i]
                 dead_now = int(((st.tokens - st.last_fired[i]) > dead_window).sum())
-                for k, v in zip(CURVES, (st.step, st.tokens, float(parts.loss.detach()), float(parts.mse.detach()), l0s[i], fvus[i], dead_now, lr)):
+                for k, v in zip(CURVES, (st.step, st.tokens, float(losses[i, 0]), float(losses[i, 1]), l0s[i], fvus[i], dead_now, lr)):
                     c[k].append(float(v))
         if progress is not None:
             elapsed = max(time.perf_counter() - t_start, 1e-9)
             progress({"step": st.step, "total_steps": total_steps, "tokens": st.tokens,
-                      "tokens_per_s": (st.tokens - tok_start) / elapsed, "loss": float(total.detach()),
+                      "tokens_per_s": (st.tokens - tok_start) / elapsed, "loss": float(losses[:, 0].sum()),
                       "l0": sum(l0s) / n, "fvu": sum(fvus) / n})
     if st.step == 0:
         raise IclError(f"the dataset {cfg.dataset!r} yielded no training tokens; check --dataset")
@@ -245,7 +264,10 @@ def train_dictionaries(
     for i, d in enumerate(dicts):
         d.fold_normalisation(float(st.n_in[i]), float(st.n_out[i]))
         d.eval()
-    metrics = evaluate(hm, lm.tokenizer, dicts, reads, eval_chunks, device, rows=rows, targets=eval_targets)
+    if grp.leader:
+        metrics = evaluate(hm, lm.tokenizer, dicts, reads, eval_chunks, device, rows=rows, targets=eval_targets)
+    else:  # rank 0 evaluates and publishes
+        metrics = [{} for _ in dicts]
     out = []
     for i, (layer, d) in enumerate(zip(cfg.layers, dicts)):
         dead = (st.tokens - st.last_fired[i]) > dead_window
