@@ -48,15 +48,19 @@ def test_nll_is_the_mean_over_prompts_of_the_summed_answer_token_nll():
 
 def test_acc_is_the_fraction_whose_greedy_first_answer_token_is_right():
     logits, batch = hand_batch()
-    # make rows 0 and 2 right, rows 1 and 3 wrong, on the first answer token only
-    for b, right in enumerate([True, False, True, False]):
+    batch.answer_pos[0] = torch.tensor([0, 1])  # position 0 can predict an answer (no BOS)
+    # rows 0, 1, 3 right and row 2 wrong on the first answer token; the second never counts
+    for b, right in enumerate([True, True, False, True]):
         pos, tok = int(batch.answer_pos[b, 0]), int(batch.answer_ids[b, 0])
         logits[b, pos] = 0.0
         logits[b, pos, tok if right else (tok + 1) % V] = 5.0
-        # the second answer token never matters for acc
         if batch.answer_pos[b, 1] >= 0:
             logits[b, int(batch.answer_pos[b, 1])] = 0.0
-    assert float(acc(logits, batch)) == pytest.approx(0.5)
+            logits[b, int(batch.answer_pos[b, 1]), (tok + 2) % V] = 9.0
+    assert float(acc(logits, batch)) == pytest.approx(0.75)
+    batch.answer_pos[1, 0] = -1
+    with pytest.raises(ValueError, match="with_answer"):
+        acc(logits, batch)
 
 
 def test_all_pairs_logprob_skips_the_first_pair_and_averages_pairs_then_prompts():

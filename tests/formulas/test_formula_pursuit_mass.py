@@ -52,6 +52,12 @@ def test_gradient_pursuit_equals_the_literal_algorithm(seed, k):
     assert (got >= 0).all() and (got > 0).sum() <= k
 
 
+def test_a_target_orthogonal_to_every_atom_gets_no_weight():
+    atoms = torch.eye(6, dtype=torch.float64)[:4]
+    w = gradient_pursuit(torch.tensor([0, 0, 0, 0, 2.0, -1.0], dtype=torch.float64), atoms, 3)
+    assert torch.equal(w, torch.zeros(4, dtype=torch.float64))
+
+
 def test_pursuit_vector_decomposes_around_the_decoder_bias_with_unit_directions():
     torch.manual_seed(0)
     sae = build(DictConfig(d_in=10, d_sae=20, arch="standard"))
