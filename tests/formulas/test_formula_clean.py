@@ -329,3 +329,14 @@ def test_cleaning_trains_on_train_pairs_and_scores_the_held_out_queries(tiny_lm,
     for p in train_prompts:
         assert all(pair not in held for pair in p.pairs)
     assert {p.query for p in held_prompts} == set(held)
+
+
+def test_cleaning_a_topk_sae_uses_relu_not_its_top_k():
+    from icl_cli.clean import activation
+
+    sae = sae_with_biases("topk", k=3)
+    theta = torch.randn(48, generator=torch.Generator().manual_seed(0))
+    assert int((theta > 0).sum()) > 3
+    assert torch.equal(activation(sae)(theta), torch.relu(theta))
+    gated = sae_with_biases("gated")
+    torch.testing.assert_close(activation(gated)(theta), hand_act(gated, theta))
