@@ -57,6 +57,8 @@ pytest_add_cli_args=
     -x
 mutate_only_covered_lines=true
 process_isolation=forkserver
+timeout_multiplier=30
+timeout_constant=60
 also_copy=
     icl_cli/zoo
     icl_cli/data
