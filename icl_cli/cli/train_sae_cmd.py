@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import typer
@@ -55,11 +56,11 @@ def register(app: typer.Typer) -> None:
         from icl_cli.core.layers import parse_layers
 
         say = lambda m: stderr_console().print(m, style="dim", markup=False)  # noqa: E731
-        from icl_cli.train_sae.distributed import init_from_env, launched
-
         # under torchrun every rank must take the same path: no shortcut that skips the model
-        results = None if (force or launched()) else _all_reused(gl, cfg, layer, name, say)
+        torchrun = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1", "0")
+        results = None if (force or torchrun) else _all_reused(gl, cfg, layer, name, say)
         if results is None:
+            from icl_cli.train_sae.distributed import init_from_env
             from icl_cli.train_sae.run import train_sae_artifacts
 
             grp = init_from_env()
