@@ -58,6 +58,75 @@ def fvu(t: torch.Tensor, t_hat: torch.Tensor) -> float:
     return float(((t - t_hat) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
 
 
+# ---- the bundled suite -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_lm():
+    from icl_cli.core.models import load_model
+
+    return load_model("toy-icl", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return json.loads((BUNDLE / "manifest.json").read_text())
+
+
+def test_bundle_covers_every_layer_and_kind_in_float16(manifest, toy_lm):
+    got = {(e["kind"], e["layer"]) for e in manifest["dictionaries"]}
+    assert got == {(k, layer) for k in KINDS for layer in range(toy_lm.n_layers)}  # 6 layers × 3 = 18
+    for e in manifest["dictionaries"]:
+        tensors = load_file(str(BUNDLE / e["folder"] / "sae_weights.safetensors"))
+        assert {t.dtype for t in tensors.values()} == {torch.float16}
+        for key in ("l0", "fvu", "ce_recovered", "check_fvu", "dead_fraction"):
+            assert isinstance(e[key], float), (e["folder"], key)
+    assert manifest["model"] == "toy-icl"
+
+
+def test_bundle_loads_and_gives_the_recorded_fvu(tmp_path, manifest, toy_lm):
+    from icl_cli.store import Store
+
+    store = Store(tmp_path / "store")
+    suite = load_suite("toy-icl-suite", store)
+    assert len(suite) == 18 and suite.key is not None
+    # first use imported every dictionary under a content key; the suite artifact ties them together
+    art = store.resolve(suite.key)
+    assert art.step == "suite" and sorted(art.inputs.values()) == sorted(suite.member_keys.values())
+    assert load_suite("toy-icl-suite", store).key == suite.key  # second use reuses the import
+
+    sites = {s for e in manifest["dictionaries"] for s in io_sites(e["kind"], e["layer"])}
+    acts, keep = check_acts(toy_lm, manifest["check"], sites)
+    for e in manifest["dictionaries"]:
+        s_in, s_out = io_sites(e["kind"], e["layer"])
+        x, t = acts[s_in][keep].float(), acts[s_out][keep].float()
+        by_hand = gated_by_hand(BUNDLE / e["folder"], x)
+        ours = suite[(e["kind"], e["layer"])]
+        # float32 vs float64: a feature whose gate sits within rounding of 0 may flip on a rare token
+        close = torch.isclose(ours(x).double(), by_hand, atol=2e-4, rtol=1e-4).all(-1)
+        assert close.float().mean() >= 0.99, (e["folder"], close.float().mean())
+        got = fvu(t, by_hand)
+        assert got == pytest.approx(e["check_fvu"], rel=1e-3, abs=1e-5), e["folder"]
+        # (check_fvu is not compared with the training FVU: the check prompts are one task's
+        # few-shot prompts, a narrower distribution than training's held-out tokens; on the shipped
+        # transcoders the two differ by up to 4x with float32 and float16 weights alike)
+
+
+def test_bundle_loads_in_sae_lens(manifest):
+    from icl_cli.dictionaries import load_dictionary
+
+    sae_lens = pytest.importorskip("sae_lens")  # slow import: this is the only test that pays it
+    torch.manual_seed(0)
+    for e in manifest["dictionaries"]:
+        folder = BUNDLE / e["folder"]
+        assert sae_lens.SAE.load_from_disk(str(folder)).W_enc.dtype == torch.float16  # as stored
+        theirs = sae_lens.SAE.load_from_disk(str(folder), dtype="float32")
+        ours = load_dictionary(folder)
+        x = torch.randn(64, theirs.cfg.d_in) * 3
+        a = theirs.encode(x)
+        assert a.shape == (64, e["d_sae"]) and (a > 0).any()
+        torch.testing.assert_close(a, ours.encode(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs.decode(a), ours.decode(a), atol=1e-4, rtol=1e-4)
+
+
 # ---- suites from a folder ----------------------------------------------------------------------
 def tiny_suite_folder(root: Path, layers=(0, 1), kinds=KINDS, model="tiny") -> Path:
     """A suite folder of random gated dictionaries for the 32-wide tiny model."""
