@@ -54,7 +54,7 @@ ERROR_TYPE = "mlp reconstruction error"
 SITE_LABEL = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder"}
 SLUG = "graph"
 N_PINNED = 20
-SVG_MAX_NODES = 3000
+SVG_MAX_NODES = 400
 """Larger circuits get DOT only: `dot` needs minutes on them."""
 _SITE_COLOURS = {"resid": "#cfe2f3", "attn": "#f9cb9c", "transcoder": "#b6d7a8"}
 
@@ -250,7 +250,7 @@ def _render_svg(dot_path: Path, n_nodes: int) -> Path | None:
         return None
     svg = dot_path.with_suffix(".svg")
     try:
-        subprocess.run([exe, "-Tsvg", str(dot_path), "-o", str(svg)], check=True, capture_output=True, timeout=300)
+        subprocess.run([exe, "-Tsvg", str(dot_path), "-o", str(svg)], check=True, capture_output=True, timeout=60)
     except (subprocess.SubprocessError, OSError) as exc:
         logger.warning("graph.svg not written: dot failed (%s)", re.sub(r"\s+", " ", str(exc))[:200])
         svg.unlink(missing_ok=True)
