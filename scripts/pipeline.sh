@@ -16,7 +16,7 @@
 # Every step is an artifact in the store (./artifacts, or ICL_STORE); a rerun reuses them all.
 # Environment [default]: ICL [.venv/bin/icl], MODEL [toy-icl], TASKS [two per task group; all: the 23], LAYER [where most
 # tasks' task vectors work best], SUITE [toy-icl-suite], CIRCUIT_TASKS [antonyms,en_es,location_continent],
-# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [0.001,0.02], SAE_TOKENS [300000], OUT [report].
+# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [none; e.g. 0.001,0.02], SAE_TOKENS [300000], OUT [report].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
@@ -56,7 +56,7 @@ fi
 # λ 0.005: the toy SAEs' activations are larger than Gemma's, and the paper's 0.05 prunes the task
 # vectors to a handful of features that no longer carry the task (README)
 step "clean: task vectors at layer $LAYER (executors)"
-CLEAN_ARGS=(--tv "$TV" --sae "$SAE" --l1 "${CLEAN_L1:-0.005}" --sweep-l1 "${SWEEP_L1:-0.001,0.02}" --name pipeline-clean)
+CLEAN_ARGS=(--tv "$TV" --sae "$SAE" --l1 "${CLEAN_L1:-0.005}" ${SWEEP_L1:+--sweep-l1 "$SWEEP_L1"} --name pipeline-clean)
 CLEAN=$($ICL -q clean "${CLEAN_ARGS[@]}")
 step "clean: detector vectors at layer $PREV (detectors)"
 DCLEAN=$($ICL -q clean --tv "$TV" --sae "$SAE_PREV" --detectors --l1 "${DETECTOR_L1:-0.005}" --name pipeline-clean-detectors)

@@ -90,7 +90,7 @@ def pipeline_cmd(
     sae_tokens: int = typer.Option(300_000, "--sae-tokens", help="Training tokens of each SAE when no suite is used (toy: 300k gives CE recovered ≈ 0.99 at L0 ≈ 200 of 2048; 1M gives L0 ≈ 95)."),
     clean_l1: float = typer.Option(0.005, "--clean-l1", help="λ of task vector cleaning (toy: 0.005; paper: 0.05 on Gemma)."),
     detector_l1: float = typer.Option(0.005, "--detector-l1", help="λ of detector vector cleaning."),
-    sweep_l1: str = typer.Option("0.001,0.02", "--sweep-l1", help="Also clean with these λ, for the cleaning sweep figure."),
+    sweep_l1: str = typer.Option("", "--sweep-l1", help="Also clean with these λ, for more points in the cleaning sweep figure (e.g. 0.001,0.02; each λ is one more cleaning per task)."),
     out: Path = typer.Option(Path("report"), "--out", help="Folder of the report (figures and index.html)."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny settings: a quick check that every step runs (numbers are not meaningful)."),
 ) -> None:
