@@ -13,8 +13,9 @@ artifact found by following inputs (steer → clean → collect).
 
 from __future__ import annotations
 
+
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from icl_cli.errors import IclError
@@ -102,6 +103,14 @@ def _input_sae(store, art):
     raise IclError(f"{art.step} artifact {art.key[:12]} names no SAE; pass the features as LAYER:ID with --sae")
 
 
+def _at_layer(d, layer):
+    """The dictionary, told the layer its artifact used when its own files do not record one
+    (the authors' Gemma-1 SAEs are imported without a layer and cleaned with ``--layer``)."""
+    if d.cfg.layer is None and layer is not None:
+        d.cfg = replace(d.cfg, layer=int(layer))
+    return d
+
+
 def _check_ids(sets: dict, saes: dict) -> None:
     for name, by_key in sets.items():
         for key, ids in by_key.items():
@@ -165,6 +174,7 @@ def resolve_features(store, ref: str, sae_refs: Sequence[str] = (), which: str =
         key, d, sae_art = _input_sae(store, art)
         if d.cfg.layer is not None and d.cfg.layer != st.layer:
             raise IclError(f"steer artifact {art.key[:12]} steered layer {st.layer} but its SAE is for layer {d.cfg.layer}")
+        d = _at_layer(d, st.layer)
         sets = {t: {key: chosen.get(t, [])} for t in st.tasks}
         src = Source("steer", sets, {key: d}, {key: sae_art}, art, find_collect(store, art), st.mode)
     elif art.step == "clean":
@@ -172,6 +182,7 @@ def resolve_features(store, ref: str, sae_refs: Sequence[str] = (), which: str =
 
         _, results = read_h5(art.file("clean.h5"))
         key, d, sae_art = _input_sae(store, art)
+        d = _at_layer(d, art.params.get("layer"))
         sets = {t: {key: r.features} for t, r in results.items()}
         src = Source("clean", sets, {key: d}, {key: sae_art}, art, find_collect(store, art))
     else:

@@ -153,3 +153,21 @@ def test_errors_are_one_line(env):
         import icl_cli.cli.faithfulness_cmd  # noqa: F401
     except ModuleNotFoundError:
         assert "faithfulness" in err("--circuit", "abc123")
+
+
+def test_sae_without_a_layer_takes_the_artifacts(env, tmp_path):
+    """The authors' Gemma-1 files record no layer: clean takes --layer, and ablate mass / link then
+    use the layer of the clean or steer artifact; the numbers equal those of the same SAE with its layer."""
+    torch.manual_seed(1)  # the same weights as sae1, saved without a layer
+    d = build(DictConfig(d_in=32, d_sae=64, arch="standard", site="resid_pre", layer=None))
+    with torch.no_grad():
+        d.b_enc.uniform_(0.0, 0.3)
+    ok = env["ok"]
+    bare = ok("-q", "store", "import", str(save_saelens(d, tmp_path / "bare")), "--kind", "sae")
+    kept = {"antonyms": [1, 2, 3], "en_fr": [3, 4]}
+    exe = _steer(env["store"], env["clean"], bare, "executor", 1, {"antonyms": [2, 3], "en_fr": [4]}, kept)
+    without = _json(env, "mass", "--features", exe)
+    with_layer = _json(env, "mass", "--features", env["exe"])
+    assert without["percent"] == pytest.approx(with_layer["percent"], abs=1e-6)
+    link = _json(env, "link", "--detectors", env["det"], "--executors", exe, "--removal", "steer", "--scale", "5")
+    assert link["executor_layer"] == 1
