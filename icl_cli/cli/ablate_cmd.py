@@ -24,6 +24,17 @@ app = typer.Typer(help="Ablate feature sets; activation mass by role; the detect
 _FEATURES_HELP = "A steer artifact (its executors/detectors), a clean artifact (kept features), or LAYER:ID,... with --sae."
 
 
+# options shared by the subcommands (one declaration each; typer reads these defaults, never mutates them)
+_WHICH = typer.Option("selected", "--set", help="For a steer artifact: selected (executors/detectors) or kept.")
+_TOP = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest).")
+_TASKS = typer.Option(None, "--tasks", help="Tasks to measure (default: the artifact's tasks, or all).")
+_N_SHOT = typer.Option(None, "--n-shot", help="Examples per prompt (default: the collect artifact's, or 19).")
+_N_PROMPTS = typer.Option(None, "--n-prompts", help="Prompts per task (default: the collect artifact's n-eval, or 32).")
+_MODEL = typer.Option(None, "--model", help="Model for features given by id (default: the SAE's, or toy-icl).")
+_NAME = typer.Option(None, "--name", help="Name the artifact.")
+_FORCE = typer.Option(False, "--force", help="Recompute even if the artifact exists.")
+
+
 @dataclass
 class _Setup:
     task_list: list
@@ -126,19 +137,19 @@ def ablate_cmd(
     ctx: typer.Context,
     features: Optional[str] = typer.Option(None, "--features", help=_FEATURES_HELP),
     sae: List[str] = typer.Option([], "--sae", help="SAE for features given as LAYER:ID (repeatable, one per layer)."),
-    which: str = typer.Option("selected", "--set", help="For a steer artifact: selected (executors/detectors) or kept."),
-    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
+    which: str = _WHICH,
+    top: Optional[int] = _TOP,
     roles: str = typer.Option("arrow", "--roles", help="Roles whose features are ablated: prompt,input,arrow,output,newline or all."),
     mode: str = typer.Option("zero", "--mode", help="zero, or mean (the feature's mean activation on tokens of that role)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks to measure (default: the artifact's tasks, or all)."),
+    tasks: Optional[str] = _TASKS,
     cross_task: bool = typer.Option(False, "--cross-task", help="Ablate the features of task A, measure task B, for every A and B."),
-    n_shot: Optional[int] = typer.Option(None, "--n-shot", help="Examples per prompt (default: the collect artifact's, or 19)."),
-    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Prompts per task (default: the collect artifact's n-eval, or 32)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model for features given by id (default: the SAE's, or toy-icl)."),
+    n_shot: Optional[int] = _N_SHOT,
+    n_prompts: Optional[int] = _N_PROMPTS,
+    model: Optional[str] = _MODEL,
     circuit: Optional[str] = typer.Option(None, "--circuit", help="A circuit artifact: measure its faithfulness instead."),
     max_nodes: int = typer.Option(1000, "--max-nodes", help="With --circuit: the largest node set on the faithfulness curves."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
-    force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
+    name: Optional[str] = _NAME,
+    force: bool = _FORCE,
 ) -> None:
     """Metric change per task when features are ablated at token roles of few-shot prompts."""
     if ctx.invoked_subcommand is not None:
@@ -226,14 +237,14 @@ def mass_cmd(
     ctx: typer.Context,
     features: str = typer.Option(..., "--features", help=_FEATURES_HELP),
     sae: List[str] = typer.Option([], "--sae", help="SAE for features given as LAYER:ID."),
-    which: str = typer.Option("selected", "--set", help="For a steer artifact: selected (executors/detectors) or kept."),
-    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks to measure (default: the artifact's tasks, or all)."),
-    n_shot: Optional[int] = typer.Option(None, "--n-shot", help="Examples per prompt (default: the collect artifact's, or 19)."),
-    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Prompts per task (default: the collect artifact's n-eval, or 32)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model for features given by id (default: the SAE's, or toy-icl)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
-    force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
+    which: str = _WHICH,
+    top: Optional[int] = _TOP,
+    tasks: Optional[str] = _TASKS,
+    n_shot: Optional[int] = _N_SHOT,
+    n_prompts: Optional[int] = _N_PROMPTS,
+    model: Optional[str] = _MODEL,
+    name: Optional[str] = _NAME,
+    force: bool = _FORCE,
 ) -> None:
     """Share of a feature set's activation on prompt / input / arrow / output / newline tokens (docs/METHODS.md §8)."""
     from icl_cli.ablate_mass import FORMAT_VERSION, feature_mass, read_h5, summary_json, write_h5
@@ -294,16 +305,16 @@ def link_cmd(
     executors: str = typer.Option(..., "--executors", help="Executors: an executor steer artifact, a clean artifact, or LAYER:ID,... with --exe-sae."),
     det_sae: List[str] = typer.Option([], "--det-sae", help="SAE of detectors given by id (layer l−1)."),
     exe_sae: List[str] = typer.Option([], "--exe-sae", help="SAE of executors given by id (layer l)."),
-    which: str = typer.Option("selected", "--set", help="For steer artifacts: selected or kept."),
-    top: Optional[int] = typer.Option(None, "--top", help="Keep each task's first N features (a clean artifact's strongest)."),
+    which: str = _WHICH,
+    top: Optional[int] = _TOP,
     removal: str = typer.Option("project", "--removal", help="project (drop the residual's component), feature (zero the detector) or steer (subtract --scale × direction)."),
     scale: float = typer.Option(25.0, "--scale", help="With --removal steer: the scale of the subtracted unit direction."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks whose prompts are used (default: the artifacts' tasks, or all)."),
-    n_shot: Optional[int] = typer.Option(None, "--n-shot", help="Examples per prompt (default: the collect artifact's, or 19)."),
-    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Prompts per task (default: the collect artifact's n-eval, or 32)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model for features given by id (default: the SAE's, or toy-icl)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
-    force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
+    n_shot: Optional[int] = _N_SHOT,
+    n_prompts: Optional[int] = _N_PROMPTS,
+    model: Optional[str] = _MODEL,
+    name: Optional[str] = _NAME,
+    force: bool = _FORCE,
 ) -> None:
     """Executor activation at arrows after / before removing a detector's direction at outputs (docs/METHODS.md §8)."""
     from icl_cli.ablate_link import FORMAT_VERSION, read_h5, run_link, summary_json, write_h5
