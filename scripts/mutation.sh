@@ -23,33 +23,34 @@ fi
 
 git -C "$ROOT" worktree remove --force "$COPY" 2>/dev/null || rm -rf "$COPY"
 git -C "$ROOT" worktree add --detach "$COPY" HEAD >/dev/null
-cat > "$COPY/setup.cfg" <<'CFG'
-[mutmut]
-source_paths=icl_cli
-only_mutate=
-    icl_cli/core/metrics.py
-    icl_cli/core/prompts.py
-    icl_cli/pursuit.py
-    icl_cli/clean.py
-    icl_cli/collect.py
-    icl_cli/dictionaries/base.py
-    icl_cli/dictionaries/standard.py
-    icl_cli/dictionaries/gated.py
-    icl_cli/dictionaries/jumprelu.py
-    icl_cli/dictionaries/topk.py
-    icl_cli/dictionaries/authors.py
-    icl_cli/train_sae/evaluate.py
-    icl_cli/train_sae/trainer.py
+# PROFILE=methods (default): the SAE, cleaning and metric modules; PROFILE=causal: circuits, ablation, steering
+case "${PROFILE:-methods}" in
+  methods)
+    MODULES="icl_cli/core/metrics.py icl_cli/core/prompts.py icl_cli/pursuit.py icl_cli/clean.py icl_cli/collect.py
+             icl_cli/dictionaries/base.py icl_cli/dictionaries/standard.py icl_cli/dictionaries/gated.py
+             icl_cli/dictionaries/jumprelu.py icl_cli/dictionaries/topk.py icl_cli/dictionaries/authors.py
+             icl_cli/train_sae/evaluate.py icl_cli/train_sae/trainer.py"
+    TESTS="tests/formulas tests/test_pursuit.py tests/dictionaries/test_dictionaries.py tests/core/test_prompts.py" ;;
+  causal)
+    MODULES="icl_cli/circuit/attribution.py icl_cli/circuit/splice.py icl_cli/circuit/faithfulness.py
+             icl_cli/circuit/edges.py icl_cli/ablate.py icl_cli/ablate_mass.py icl_cli/ablate_link.py icl_cli/steer.py"
+    TESTS="tests/circuit/test_attribution.py tests/circuit/test_splice.py tests/circuit/test_faithfulness.py
+           tests/circuit/test_edges.py tests/test_ablate.py tests/test_steer.py" ;;
+  *) echo "PROFILE must be methods or causal" >&2; exit 2 ;;
+esac
+{
+  echo "[mutmut]"
+  echo "source_paths=icl_cli"
+  echo "only_mutate="; for m in $MODULES; do echo "    $m"; done
+  cat <<'CFG'
 do_not_mutate_patterns=
     raise IclError
     IclError\(
     progress\(
     log\(
-pytest_add_cli_args_test_selection=
-    tests/formulas
-    tests/test_pursuit.py
-    tests/dictionaries/test_dictionaries.py
-    tests/core/test_prompts.py
+CFG
+  echo "pytest_add_cli_args_test_selection="; for t in $TESTS; do echo "    $t"; done
+  cat <<'CFG'
 pytest_add_cli_args=
     -p
     no:cacheprovider
@@ -63,6 +64,7 @@ also_copy=
     icl_cli/zoo
     icl_cli/data
 CFG
+} > "$COPY/setup.cfg"
 cd "$COPY"
 # extra arguments after the first two: mutant name patterns, e.g. 'icl_cli.core.metrics.*'
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nice -n 10 "$VENV/bin/mutmut" run --max-children "$CHILDREN" "${@:3}" || true
