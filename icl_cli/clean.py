@@ -22,6 +22,7 @@ dummy example "X -> Y" prepended to the 0-shot prompt (METHODS §6).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from icl_cli.collect import task_split
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.prompts import DUMMY_PAIR, Prompt, sample_prompts
-from icl_cli.core.sites import HookedModel
+from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.steering import BaseCache, scores, steered_logits
 from icl_cli.core.metrics import nll
 from icl_cli.core.tasks import Task
@@ -85,6 +86,24 @@ def initial_theta(sae, v: Tensor) -> Tensor:
     return pre.detach().clone()
 
 
+def clean_step(hm: HookedModel, sae, cache: BaseCache, layer: int, theta: Tensor, l1: float, mask: Tensor,
+               act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Step 4's loss (0-d, differentiable in θ [d_sae]): nll of the training prompts steered by
+    decode(a(θ)) at ``mask`` of resid_pre[layer], + l1·‖a(θ)‖₁; blocks < layer are not run."""
+    from icl_cli.steer import answer_logits  # steer imports this module
+
+    a = act(theta)
+    b = cache.batch
+    last = Site("resid_post", hm.n_layers - 1)
+    out = hm.run(b.input_ids, b.attention_mask, read=[last], edit={Site("resid_pre", layer): add_at(sae.decode(a), mask)},
+                 stop_after=last.layer, start_at=layer, start_resid=cache.resid[layer], grad=True)
+    # logits only where answers are predicted (the model's final norm, unembedding and soft-cap
+    # at those positions): unembedding every position was a third of a step at the paper's sizes
+    logits = answer_logits(hm, out.acts[last], b.answer_pos)  # [B, n_first, V]
+    at = torch.arange(b.answer_pos.shape[1], device=b.answer_pos.device).expand_as(b.answer_pos)
+    return nll(logits, replace(b, answer_pos=torch.where(b.answer_pos >= 0, at, b.answer_pos))) + l1 * a.abs().sum()
+
+
 def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, p: CleanParams, l1: float,
                  mask: Tensor) -> Cleaned:
     """Steps 1-5 above for one vector; returns the θ with the minimum L0 seen."""
@@ -97,17 +116,14 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
     since = 0
     step = 0
     for step in range(1, p.max_steps + 1):
-        a = act(theta)
-        vec = sae.decode(a)
-        logits = steered_logits(hm, cache, layer, vec, grad=True, mask=mask)
-        loss = nll(logits, cache.batch) + l1 * a.abs().sum()
-        if not torch.isfinite(loss):
-            raise IclError(f"the cleaning loss became {loss.item()} at step {step}; lower --lr or run in float32 (--dtype float32)")
+        loss = clean_step(hm, sae, cache, layer, theta, l1, mask, act)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            l0 = int((act(theta) > 0).sum())
+        with torch.no_grad():  # one device sync per step: the loss check and the new L0 together
+            finite, l0 = torch.stack([torch.isfinite(loss).long(), (act(theta) > 0).sum()]).tolist()
+        if not finite:
+            raise IclError(f"the cleaning loss became {loss.item()} at step {step}; lower --lr or run in float32 (--dtype float32)")
         if l0 < best[0]:
             best, since = (l0, theta.detach().clone(), step), 0
             if l0 == 0:  # nothing is sparser: the returned θ cannot change any more
