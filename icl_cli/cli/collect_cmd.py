@@ -13,6 +13,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
+from icl_cli.cli.shard_cli import SHARD_HELP, finish
 
 app = typer.Typer(help="Task vectors from few-shot prompts, layer sweeps, activations by token role.",
                   invoke_without_command=True)
@@ -31,6 +32,7 @@ def collect_cmd(
     template: str = typer.Option("paper", "--template", help="paper | hendel | todd."),
     n_first: int = typer.Option(2, "--n-first", help="Answer tokens scored by nll."),
     saes: List[str] = typer.Option([], "--saes", help="SAE references for activation mass by role (repeatable)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
@@ -65,25 +67,47 @@ def collect_cmd(
               "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
               "dtype": dtype, "device": device}
     spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)
+    from icl_cli import shard as sharding
+
+    part, torchrun = sharding.resolve(shard)
+    names = [t.name for t in task_list]
+    by_name = {t.name: t for t in task_list}
     holder = {}
 
-    def build(st):
+    def compute(st, subset):
         from icl_cli.collect import run_collect, write_h5
         from icl_cli.dictionaries.io import load_dictionary
 
         lm_ = lm or load_lm(gl, model)
         sae_objs = [(a.key, load_dictionary(a).to(lm_.device)) for a in sae_arts]
-        with task_progress(gl, len(task_list), "collect") as advance:
-            layer_list, results = run_collect(lm_, task_list, p, sae_objs, progress=advance, work_dir=st.work_dir)
+        with task_progress(gl, len(subset), "collect") as advance:
+            layer_list, results = run_collect(lm_, [by_name[t] for t in subset], p, sae_objs, progress=advance,
+                                              work_dir=st.work_dir)
         with st.h5("collect.h5") as f:
             write_h5(f, layer_list, results)
         holder["data"] = (layer_list, results)
-        best = {t: r.best_layer for t, r in results.items()}
-        return {"best_layer": best}
+        return {"best_layer": {t: r.best_layer for t, r in results.items()}}
 
-    res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
+    def merge(st, parts):
+        from icl_cli.collect import read_h5, write_h5
+
+        merged, layer_list = {}, None
+        for _, art in parts:
+            layer_list, results = read_h5(art.file("collect.h5"))
+            merged.update(results)
+        results = {t: merged[t] for t in names}
+        with st.h5("collect.h5") as f:
+            write_h5(f, layer_list, results)
+        holder["data"] = (layer_list, results)
+        return {"best_layer": {t: r.best_layer for t, r in results.items()}}
+
+    out = sharding.run(store, spec, names, compute, merge, shard=part, torchrun=torchrun, name=name, force=force,
+                       say=lambda m: log(m, ctx_globals=gl))
+    if not finish(gl, out, names):
+        return
+    res = out.result
     saved(gl, res)
-    if "data" not in holder:
+    if "data" not in holder or res.reused:
         holder["data"] = read_sweeps(res.artifact.file("collect.h5"))
     layer_list, results = holder["data"]
     data = summary_json(res.artifact.key, layer_list, results)

@@ -1,0 +1,43 @@
+"""The command side of task-parallel sweeps (``--shard i/n``, torchrun): option help, stderr lines,
+and what a shard prints (see icl_cli/shard.py for the mechanism)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from icl_cli.cli.context import emit, log
+
+SHARD_HELP = ("i/n: compute only shard i of n of the tasks (tasks[i::n]) and publish it as a partial artifact; "
+              "the same command without --shard assembles the shards (SLURM: "
+              "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}; torchrun sets it from RANK/WORLD_SIZE).")
+
+
+def finish(gl, out, names: Sequence[str]) -> bool:
+    """Say what a sharded run did; emit a shard's partial. True when the caller emits the full result."""
+    from icl_cli.shard import part_json
+
+    if out.line:
+        log(out.line, ctx_globals=gl)
+    if out.result is not None:
+        return True
+    verb = "reused" if out.part.reused else "saved"
+    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); "
+        f"run the command without --shard once every shard is done to assemble", ctx_globals=gl)
+    if out.shard.count > 1 and _torchrun_rank():
+        return False  # under torchrun only rank 0 prints
+    data = part_json(out, names)
+
+    def table():
+        from rich.text import Text
+
+        return Text(f"partial {data['step']} {data['key'][:12]}: shard {data['shard']}, {len(data['tasks'])} of "
+                    f"{data['n_tasks']} tasks ({', '.join(data['tasks'])}); full key {data['full_key'][:12]}")
+
+    emit(gl, data, table=table, keys=[data["key"]])
+    return False
+
+
+def _torchrun_rank() -> bool:
+    from icl_cli.shard import env_shard
+
+    return env_shard() is not None
