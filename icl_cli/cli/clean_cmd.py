@@ -15,6 +15,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
+from icl_cli.cli.shard_cli import SHARD_HELP, finish
 from icl_cli.clean_io import AUTO_L1_GRID
 from icl_cli.errors import IclError
 
@@ -59,6 +60,7 @@ def clean_cmd(
     tasks: str = typer.Option("all", "--tasks", help="all (the artifact's tasks) or a comma-separated subset."),
     detectors: bool = typer.Option(False, "--detectors", help="Clean the detector vectors (output tokens) instead; "
                                    "pass the SAE of layer l−1 (docs/METHODS.md §6)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
@@ -108,9 +110,12 @@ def clean_cmd(
         spec, d = _checked_spec(gl, store, sae_art, sae, cp, tv_art, layer, spec_for)
     else:
         d = None
+    from icl_cli import shard as sharding
+
+    part, torchrun = sharding.resolve(shard)
     holder = {}
 
-    def build(st):
+    def compute(st, subset):
         from icl_cli.clean import CleanResult, clean_task, write_h5
         from icl_cli.collect import read_h5 as read_collect
         from icl_cli.core.identity import model_fingerprint
@@ -126,28 +131,46 @@ def clean_cmd(
         _, results = read_collect(tv_art.file("collect.h5"))
         j = layers.index(lay)
         out = {}
-        start = None  # --l1 auto: each task's search starts at the previous task's λ
-        with task_progress(gl, len(names), "clean") as advance:
-            for i, t in enumerate(names):
+        # --l1 auto: every task's search starts at the grid's largest λ (so it finds the largest
+        # passing λ), never at the previous task's: a task's λ must not depend on which tasks ran
+        # before it in this process (nor on the sharding)
+        with task_progress(gl, len(subset), "clean") as advance:
+            for i, t in enumerate(subset):
                 advance(t)
-                part = st.work_dir / f"task{i}.json"  # finished tasks survive an interruption
-                done = CleanResult.load(part) if part.exists() else None
+                part_file = st.work_dir / f"task{i}.json"  # finished tasks survive an interruption
+                done = CleanResult.load(part_file) if part_file.exists() else None
                 if done is None:
                     v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
                     done = clean_task(hm, lm.tokenizer, dd, suite[t], lay, v, p, (cp["n_eval"], cp["seed"]),
-                                      cp["template"], cp["n_first"], lm.device, l1_start=start)
+                                      cp["template"], cp["n_first"], lm.device, l1_start=None)
                     done.flags = flags[t]
-                    done.save(part)
+                    done.save(part_file)
                 out[t] = done
-                start = done.l1 if p.auto else None
         with st.h5("clean.h5") as f:
             write_h5(f, lay, out, meta)
         holder["data"] = (lay, out)
         return summary_json(st.key, lay, out, meta)["mean"]
 
-    res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
+    def merge(st, parts):
+        from icl_cli.clean_io import write_h5
+
+        merged, lay = {}, spec.params["layer"]
+        for _, art in parts:
+            lay, results = read_h5(art.file("clean.h5"))
+            merged.update(results)
+        out = {t: merged[t] for t in names}
+        with st.h5("clean.h5") as f:
+            write_h5(f, lay, out, meta)
+        holder["data"] = (lay, out)
+        return summary_json(st.key, lay, out, meta)["mean"]
+
+    done = sharding.run(store, spec, names, compute, merge, shard=part, torchrun=torchrun, name=name, force=force,
+                        say=lambda m: log(m, ctx_globals=gl))
+    if not finish(gl, done, names):
+        return
+    res = done.result
     saved(gl, res)
-    data = summary_json(res.artifact.key, *(holder.get("data") or read_h5(res.artifact.file("clean.h5"))), meta)
+    data = summary_json(res.artifact.key, *((not res.reused and holder.get("data")) or read_h5(res.artifact.file("clean.h5"))), meta)
     emit(gl, data, table=lambda: _tables(data), keys=[res.artifact.key])
 
 
