@@ -31,13 +31,15 @@ HDF5 layout (``steer.h5``)::
     effect [T,F] nll [T,F] acc [T,F] float32, base_nll [T] base_acc [T]       (executor/detector)
     scales [S] nll [T,S] acc [T,S] float32, base_nll [T] base_acc [T]         (negative)
     kept/<task>, selected/<task> int64
+
+Reading and writing it: :mod:`icl_cli.steer_io` (re-exported here: ``read_h5``, ``write_h5``,
+``SteerResult``).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -53,6 +55,8 @@ from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.steering import BaseCache, scores, steered_logits
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
+from icl_cli.steer_io import (Cells, SteerResult, load_cells, merge_rows, read_h5, save_cells,  # noqa: F401 (re-exported)
+                              task_rows, write_h5)
 
 FORMAT_VERSION = 1
 MODES = ("executor", "detector", "negative")
@@ -106,35 +110,6 @@ class PromptSource(NamedTuple):
     @classmethod
     def from_collect(cls, cp: dict) -> "PromptSource":
         return cls(cp["n_eval"], cp["seed"], cp["template"], cp["n_first"], cp["n_shot"])
-
-
-class Cells(NamedTuple):
-    """One task's row: nll and acc per edit ([K]) and unsteered."""
-
-    nll: Tensor
-    acc: Tensor
-    base_nll: float
-    base_acc: float
-
-
-@dataclass
-class SteerResult:
-    mode: str
-    layer: int
-    model: str
-    tasks: list[str]
-    features: list[int]
-    nll: Tensor  # [T, F] (executor/detector) or [T, S] (negative)
-    acc: Tensor  # same shape
-    base_nll: Tensor  # [T]
-    base_acc: Tensor  # [T]
-    kept: dict[str, list[int]] = field(default_factory=dict)
-    selected: dict[str, list[int]] = field(default_factory=dict)
-    scale: float = float("nan")
-    effect: Tensor | None = None  # [T, F]
-    scales: Tensor | None = None  # [S]
-    min_effect: float = float("nan")
-    max_other: float = float("nan")
 
 
 # ---------------------------------------------------------------- directions and batched passes
@@ -314,7 +289,8 @@ def run_steer(hm: HookedModel, tokenizer, tasks: Sequence[Task], layer: int, sae
               task_features: dict[str, list[int]] | None = None, model: str = "",
               progress: Callable[[str], None] | None = None, work_dir=None, device=None) -> SteerResult:
     """Every task in turn. Heatmap modes steer each of ``features``; negative mode subtracts the
-    direction of ``task_features[t]``. With ``work_dir`` finished tasks are kept and skipped on a rerun."""
+    direction of ``task_features[t]``. With ``work_dir`` finished tasks are kept and skipped on a rerun.
+    Each task's row depends on that task alone; the cross-task parts come from ``steer_result``."""
     negative = p.mode == "negative"
     dirs = unit_directions(sae, features) if features else torch.zeros(0, sae.cfg.d_out)
     pos = {f: i for i, f in enumerate(features)}
@@ -323,21 +299,29 @@ def run_steer(hm: HookedModel, tokenizer, tasks: Sequence[Task], layer: int, sae
         if progress:
             progress(task.name)
         part = work_dir / f"task{i}.json" if work_dir is not None else None
-        done = _load_cells(part)
+        done = load_cells(part)
         if done is None:
             if negative:
                 own = dirs[[pos[f] for f in task_features[task.name]]]
                 done = negative_task(hm, tokenizer, task, layer, task_direction(own), p, src, device)
             else:
                 done = heatmap_task(hm, tokenizer, task, layer, dirs, p, src, device)
-            _save_cells(done, part)
+            save_cells(done, part)
         rows.append(done)
-    names = [t.name for t in tasks]
+    return steer_result(p, layer, model, [t.name for t in tasks], features, rows, kept, task_features)
+
+
+def steer_result(p: SteerParams, layer: int, model: str, names: Sequence[str], features: Sequence[int],
+                 rows: Sequence[Cells], kept: dict[str, list[int]],
+                 task_features: dict[str, list[int]] | None = None) -> SteerResult:
+    """The SteerResult of per-task rows (in ``names`` order): stacked nll/acc, the relative effect and
+    the executors by the rule (which compares tasks), or negative mode's scales and feature sets."""
+    names = list(names)
     nll = torch.stack([r.nll for r in rows]) if rows else torch.zeros(0, 0)
     res = SteerResult(p.mode, layer, model, names, list(features), nll, torch.stack([r.acc for r in rows]),
                       torch.tensor([r.base_nll for r in rows]), torch.tensor([r.base_acc for r in rows]),
                       kept={t: list(kept.get(t, [])) for t in names}, min_effect=p.min_effect, max_other=p.max_other)
-    if negative:
+    if p.mode == "negative":
         res.scales = torch.tensor(p.scales, dtype=torch.float32)
         res.selected = {t: list(task_features[t]) for t in names}
     else:
@@ -345,73 +329,6 @@ def run_steer(hm: HookedModel, tokenizer, tasks: Sequence[Task], layer: int, sae
         res.effect = relative_effect(res.nll, res.base_nll)
         res.selected = select_executors(res.effect, names, features, p.min_effect, p.max_other)
     return res
-
-
-def _save_cells(c: Cells, path) -> None:
-    if path is None:
-        return
-    import os
-
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump({"nll": c.nll.tolist(), "acc": c.acc.tolist(), "base_nll": c.base_nll, "base_acc": c.base_acc}, fh)
-    os.replace(tmp, path)
-
-
-def _load_cells(path) -> Cells | None:
-    if path is None or not path.exists():
-        return None
-    try:
-        d = json.loads(path.read_text())
-        return Cells(torch.tensor(d["nll"]), torch.tensor(d["acc"]), float(d["base_nll"]), float(d["base_acc"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# ---------------------------------------------------------------- HDF5
-
-def write_h5(f, r: SteerResult) -> None:
-    """The layout of the module docstring."""
-    import h5py
-
-    f.attrs["mode"] = r.mode
-    f.attrs["layer"] = r.layer
-    f.attrs["model"] = r.model
-    f.attrs["min_effect"] = r.min_effect
-    f.attrs["max_other"] = r.max_other
-    if r.mode != "negative":
-        f.attrs["scale"] = r.scale
-    f.create_dataset("tasks", data=r.tasks, dtype=h5py.string_dtype("utf-8"))
-    f.create_dataset("features", data=torch.tensor(r.features, dtype=torch.long).numpy().reshape(-1))
-    for name in ("nll", "acc", "base_nll", "base_acc", "effect", "scales"):
-        v = getattr(r, name)
-        if v is not None:
-            f.create_dataset(name, data=v.float().numpy())
-    for group, d in (("kept", r.kept), ("selected", r.selected)):
-        g = f.create_group(group)
-        for t, ids in d.items():
-            g.create_dataset(t, data=torch.tensor(ids, dtype=torch.long).numpy().reshape(-1))
-
-
-def read_h5(path) -> SteerResult:
-    """A steer artifact's ``steer.h5`` back as a SteerResult (IclError when it is not one)."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            get = lambda k: torch.from_numpy(f[k][()]) if k in f else None  # noqa: E731
-            a = f.attrs
-            return SteerResult(
-                mode=str(a["mode"]), layer=int(a["layer"]), model=str(a.get("model", "")),
-                tasks=[t.decode() if isinstance(t, bytes) else str(t) for t in f["tasks"][()]],
-                features=[int(x) for x in f["features"][()]],
-                nll=get("nll"), acc=get("acc"), base_nll=get("base_nll"), base_acc=get("base_acc"),
-                kept={t: [int(x) for x in v[()]] for t, v in f["kept"].items()},
-                selected={t: [int(x) for x in v[()]] for t, v in f["selected"].items()},
-                scale=float(a.get("scale", float("nan"))), effect=get("effect"), scales=get("scales"),
-                min_effect=float(a.get("min_effect", float("nan"))), max_other=float(a.get("max_other", float("nan"))))
-    except (OSError, KeyError) as exc:
-        raise IclError(f"{path} is not a readable steer artifact ({exc}); run `icl store verify`") from None
 
 
 def summary_json(key: str, r: SteerResult, normalise: bool = False) -> dict:

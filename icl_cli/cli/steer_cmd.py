@@ -17,6 +17,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
+from icl_cli.cli.shard_cli import SHARD_HELP, finish
 from icl_cli.errors import IclError
 
 app = typer.Typer(help="Steer with SAE features: executor / detector heatmaps, negative steering, exploration.",
@@ -57,6 +58,7 @@ def steer_cmd(
     normalise: bool = typer.Option(False, "--normalise", help="Show each row divided by its max, cells under 0.2 as 0 (paper)."),
     max_columns: int = typer.Option(60, "--max-columns", help="Heatmap columns shown (the features with the largest effects)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Prompt rows per batched pass (features × prompts)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
@@ -116,28 +118,45 @@ def steer_cmd(
     else:
         params.pop("scales")
     spec = StepSpec("steer", params, {"clean": clean_art, "sae": sae_art, "executors": exec_art}, FORMAT_VERSION)
+    from icl_cli import shard as sharding
+
+    part, torchrun = sharding.resolve(shard)
     holder = {}
 
-    def build(st):
+    def compute(st, subset):
+        from icl_cli.steer import write_h5
+
         lm = load_lm(gl, cp["model"])
         if model_fingerprint(lm.model) != cp["model_fingerprint"]:
             raise IclError(f"model {cp['model']} has changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
         hm = HookedModel(lm.model)
         if d.cfg.d_in != hm.d_model:
             raise IclError(f"the SAE has d_in {d.cfg.d_in} but {cp['model']} has d_model {hm.d_model}: it belongs to another model")
-        with task_progress(gl, len(names), f"steer ({p.mode})") as advance:
-            res = run_steer(hm, lm.tokenizer, [suite[t] for t in names], layer, d.to(lm.device), p, src, feats, kept,
+        with task_progress(gl, len(subset), f"steer ({p.mode})") as advance:
+            res = run_steer(hm, lm.tokenizer, [suite[t] for t in subset], layer, d.to(lm.device), p, src, feats, kept,
                             per_task, cp["model"], progress=advance, work_dir=st.work_dir, device=lm.device)
         with st.h5("steer.h5") as f:
-            from icl_cli.steer import write_h5
-
             write_h5(f, res)
         holder["res"] = res
         return {"mean_base_nll": float(res.base_nll.mean())}
 
-    out = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
+    def merge(st, parts):
+        from icl_cli.steer import merge_rows, steer_result, write_h5
+
+        rows = merge_rows([read_h5(art.file("steer.h5")) for _, art in parts], names)
+        res = steer_result(p, layer, cp["model"], names, feats, rows, kept, per_task)
+        with st.h5("steer.h5") as f:
+            write_h5(f, res)
+        holder["res"] = res
+        return {"mean_base_nll": float(res.base_nll.mean())}
+
+    done = sharding.run(store, spec, names, compute, merge, shard=part, torchrun=torchrun, name=name, force=force,
+                        say=lambda m: log(m, ctx_globals=gl))
+    if not finish(gl, done, names):
+        return
+    out = done.result
     saved(gl, out)
-    res = holder.get("res") or read_h5(out.artifact.file("steer.h5"))
+    res = (not out.reused and holder.get("res")) or read_h5(out.artifact.file("steer.h5"))
     data = summary_json(out.artifact.key, res, normalise)
     from icl_cli.steer_view import heatmap_tables, negative_table
 
