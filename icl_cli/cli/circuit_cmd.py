@@ -3,6 +3,12 @@
     icl circuit --task antonyms --saes toy-icl-suite
     icl circuit --model gemma-2-2b --task en_es --saes gemma-scope-suite --layers 8-16 --estimate
     icl circuit --task antonyms --saes toy-icl-suite --saes resid:3=my-sae --method ig --json
+    icl circuit --task all --saes toy-icl-suite --shard 0/4 -q    # SLURM array job 0 of 4
+    icl circuit --task all --saes toy-icl-suite -q                # afterwards: every key, computing only what is missing
+
+Several tasks (a comma list or ``all``) give one circuit artifact per task. ``--shard i/n`` (or
+torchrun's RANK/WORLD_SIZE) computes the circuits of tasks[i::n] only; under torchrun rank 0 then
+waits for the other ranks' circuits and prints every key.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, saved
 from icl_cli.cli.context import emit, g, log
+from icl_cli.cli.shard_cli import SHARD_HELP
 from icl_cli.errors import IclError
 
 FORMAT_VERSION = 1
@@ -25,7 +32,7 @@ def register(app: typer.Typer) -> None:
 def circuit_cmd(
     ctx: typer.Context,
     model: str = typer.Option("toy-icl", "--model", help="Model: preset, HF id or folder."),
-    task: str = typer.Option(..., "--task", help="The task (a built-in name or a JSON file)."),
+    task: str = typer.Option(..., "--task", help="The task (a built-in name or a JSON file); several (comma list or all): one circuit each."),
     saes: List[str] = typer.Option(..., "--saes", help="A dictionary suite, and/or KIND:LAYER=REF overrides (repeat)."),
     layers: str = typer.Option("all", "--layers", help="Layers of the circuit: all, 5, 2-7, 1,3,5."),
     n_prompts: int = typer.Option(8, "--n-prompts", help="Few-shot prompts the effects are summed over."),
@@ -40,17 +47,19 @@ def circuit_cmd(
     template: str = typer.Option("paper", "--template", help="Prompt template: paper | hendel | todd."),
     estimate: bool = typer.Option(False, "--estimate", help="Only print the memory and time the circuit needs."),
     top: int = typer.Option(3, "--top", help="Nodes shown per layer and role in the table."),
+    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP.replace("publish it as a partial artifact; the same "
+                                        "command without --shard assembles the shards", "publish their circuits; without --shard every "
+                                        "existing circuit is reused and only the missing ones computed")),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists; run even when the estimate exceeds free memory."),
 ) -> None:
-    """Node effects, the smallest faithful circuit and its edges, for one task."""
+    """Node effects, the smallest faithful circuit and its edges, for one task (or one circuit per task of several)."""
     from icl_cli.circuit.compute import CircuitParams
     from icl_cli.circuit.dicts import resolve_dicts
-    from icl_cli.core.identity import model_info, tasks_digest
+    from icl_cli.core.identity import model_info
     from icl_cli.core.layers import parse_layers
     from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.store import StepSpec
 
     gl = g(ctx)
     store = gl.store()
@@ -59,24 +68,80 @@ def circuit_cmd(
     if edge_rows < 1:
         raise IclError("--edge-rows must be ≥ 1")
     tasks = resolve_tasks(task)
-    if len(tasks) != 1:
-        raise IclError("a circuit is for one task; pass one --task (the cross-task matrix is `icl ablate --circuit`)")
+    from icl_cli import shard as sharding
+
+    part, torchrun = sharding.resolve(shard)
     fingerprint, n_layers, d_model = model_info(model, gl.trust_remote_code)
     chosen = parse_layers(layers, n_layers)
     dicts, inputs = resolve_dicts(store, saes, chosen, model, d_model, fingerprint)
     device = resolve_device(gl.device)
     dtype = resolve_dtype(gl.dtype, device)
-    est = _estimate(gl, model, tasks[0], dicts, p, edge_rows, device, dtype, measure=estimate)
-    if estimate:
-        data = {"model": model, "task": tasks[0].name, "layers": chosen, **est.to_json()}
-        emit(gl, data, table=lambda: _estimate_table(data))
+    if len(tasks) == 1 and part is None:  # one task: one circuit, as always
+        if estimate:
+            est = _estimate(gl, model, tasks[0], dicts, p, edge_rows, device, dtype, measure=True)
+            data = {"model": model, "task": tasks[0].name, "layers": chosen, **est.to_json()}
+            emit(gl, data, table=lambda: _estimate_table(data))
+            return
+        res, graph = _circuit(gl, store, model, tasks[0], dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint,
+                              name, force)
+        data = summary(res.artifact.key, graph)
+        emit(gl, data, table=lambda: _tables(data, graph, top), keys=[res.artifact.key])
         return
-    if not est.fits() and not force:
-        raise IclError(f"the circuit needs about {est.total / 2**30:.1f} GiB ({est.phase} phase) but {est.free / 2**30:.1f} GiB "
-                       f"are free; lower --n-prompts, --n-shot or --edge-rows, choose fewer --layers, or pass --force")
-    params = {**p.__dict__, "model": model, "task": tasks[0].name, "tasks_digest": tasks_digest(tasks),
+    if estimate:
+        raise IclError("--estimate is for one --task; run it per task")
+    if name is not None:
+        raise IclError("--name names one artifact; leave it out with several tasks (or name each circuit with `icl store tag`)")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise IclError(f"--task lists a task twice ({task}); give each task once")
+    mine = names
+    if part is not None:
+        sharding.check_count(part, names)
+        mine = part.tasks(names)
+        log(f"shard {part}: circuits of {len(mine)} of {len(names)} tasks ({', '.join(mine)})", ctx_globals=gl)
+    by_name = {t.name: t for t in tasks}
+    done = {}
+    for t in mine:
+        res, _ = _circuit(gl, store, model, by_name[t], dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint,
+                          None, force, graph=False)
+        done[t] = res
+    reused = sum(r.reused for r in done.values())
+    log(f"circuits of {len(done)} task(s): {reused} reused, {len(done) - reused} computed", ctx_globals=gl)
+    if part is not None and torchrun and part.index != 0:
+        return  # under torchrun only rank 0 prints
+    show = mine
+    if part is not None and torchrun:  # rank 0: wait for the other ranks' circuits, then print them all
+        keys = {t: store.bind(_spec(model, by_name[t], p, inputs, chosen, dtype, fingerprint)).key for t in names}
+        _wait(store, keys, lambda m: log(m, ctx_globals=gl))
+        show = names
+    arts = {t: (done[t].artifact if t in done else store.get(keys[t])) for t in show}
+    from icl_cli.circuit.graph import read_h5
+
+    rows = {t: {"task": t, **summary(a.key, read_h5(a.file("circuit.h5")), n_top=5)} for t, a in arts.items()}
+    data = {"circuits": list(rows.values()), "shard": str(part) if part is not None and not torchrun else None}
+    emit(gl, data, table=lambda: _many_table(data), keys=[a.key for a in arts.values()])
+
+
+def _spec(model, task, p, inputs, chosen, dtype, fingerprint):
+    """The circuit step's spec for one task."""
+    from icl_cli.core.identity import tasks_digest
+    from icl_cli.store import StepSpec
+
+    params = {**p.__dict__, "model": model, "task": task.name, "tasks_digest": tasks_digest([task]),
               "layers": chosen, "dtype": str(dtype), "model_fingerprint": fingerprint}
-    spec = StepSpec("circuit", params, inputs, FORMAT_VERSION)
+    return StepSpec("circuit", params, inputs, FORMAT_VERSION)
+
+
+def _circuit(gl, store, model, task, dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint, name, force,
+             graph: bool = True):
+    """(StepResult, CircuitGraph or None) of one task's circuit: reused, or checked against free memory and computed."""
+    spec = _spec(model, task, p, inputs, chosen, dtype, fingerprint)
+    if graph or force or store.lookup(spec) is None:  # one task: checked as before, even when reused
+        est = _estimate(gl, model, task, dicts, p, edge_rows, device, dtype, measure=False)
+        if not est.fits() and not force:
+            raise IclError(f"the circuit{'' if graph else ' of ' + task.name} needs about {est.total / 2**30:.1f} GiB ({est.phase} phase) but "
+                           f"{est.free / 2**30:.1f} GiB are free; lower --n-prompts, --n-shot or --edge-rows, choose fewer "
+                           "--layers, or pass --force")
     holder = {}
 
     def build(st):
@@ -88,21 +153,53 @@ def circuit_cmd(
         lm = load_lm(gl, model)
         dd = {k: d.to(lm.device).requires_grad_(False) for k, d in dicts.items()}
         say = lambda m: log(m, ctx_globals=gl)  # noqa: E731
-        graph = compute_circuit(HookedModel(lm.model), lm.tokenizer, tasks[0], dd, p, model, edge_rows, say)
+        g_ = compute_circuit(HookedModel(lm.model), lm.tokenizer, task, dd, p, model, edge_rows, say)
         with st.h5("circuit.h5") as f:
-            write_h5(f, graph)
-        write_exports(st.dir / "exports", graph)
-        holder["graph"] = graph
-        return {"n_nodes": int(graph.selected.sum()), "n_edges": graph.n_edges,
-                "faithfulness": graph.attrs["faithfulness"], "threshold": graph.attrs["threshold"]}
+            write_h5(f, g_)
+        write_exports(st.dir / "exports", g_)
+        holder["graph"] = g_
+        return {"n_nodes": int(g_.selected.sum()), "n_edges": g_.n_edges,
+                "faithfulness": g_.attrs["faithfulness"], "threshold": g_.attrs["threshold"]}
 
     res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
     saved(gl, res)
+    if not graph:
+        return res, None
     from icl_cli.circuit.graph import read_h5
 
-    graph = holder.get("graph") or read_h5(res.artifact.file("circuit.h5"))
-    data = summary(res.artifact.key, graph)
-    emit(gl, data, table=lambda: _tables(data, graph, top), keys=[res.artifact.key])
+    return res, holder.get("graph") or read_h5(res.artifact.file("circuit.h5"))
+
+
+def _wait(store, keys: dict, say, timeout: float | None = None) -> None:
+    """Poll the store until every circuit of ``keys`` (task -> key) is published (rank 0 under torchrun)."""
+    import os
+    import time
+
+    timeout = float(os.environ.get("ICL_SHARD_TIMEOUT", "86400")) if timeout is None else timeout
+    start, told = time.monotonic(), None
+    while True:
+        left = [t for t, k in keys.items() if store.get(k) is None]
+        if not left:
+            return
+        if left != told:
+            say(f"waiting for the circuits of {', '.join(left)} (other ranks)")
+            told = left
+        if time.monotonic() - start > timeout:
+            raise IclError(f"the circuits of {', '.join(left)} did not appear within {timeout:.0f} s (ICL_SHARD_TIMEOUT); "
+                           "check those ranks' logs")
+        time.sleep(2.0)
+
+
+def _many_table(data: dict):
+    from rich.table import Table
+
+    t = Table(title="circuits, one per task" + (f" (shard {data['shard']})" if data.get("shard") else ""))
+    for c in ("task", "circuit", "nodes", "features", "edges", "faithfulness"):
+        t.add_column(c, justify="left" if c in ("task", "circuit") else "right")
+    for r in data["circuits"]:
+        t.add_row(r["task"], r["key"][:12], str(r["n_nodes"]), str(r["n_feature_nodes"]), str(r["n_edges"]),
+                  f"{r['faithfulness']:.3f}")
+    return t
 
 
 def _estimate(gl, model, task, dicts, p, edge_rows, device, dtype, measure: bool):
