@@ -87,12 +87,21 @@ def env_shard() -> Shard | None:
 def resolve(text: str | None) -> tuple[Shard | None, bool]:
     """(this process's shard, launched by torchrun) from --shard or RANK/WORLD_SIZE."""
     env = env_shard()
-    if text is not None:
-        given = parse_shard(text)
-        if env is not None and given != env:
+    given = parse_shard(text) if text is not None else env
+    if env is not None:
+        if given != env:
             raise IclError(f"--shard {given} contradicts torchrun's RANK/WORLD_SIZE ({env}); leave --shard out under torchrun")
-        return given, env is not None
-    return env, env is not None
+        use_local_gpu()
+    return given, env is not None
+
+
+def use_local_gpu() -> None:
+    """Under torchrun on GPUs each process uses cuda:LOCAL_RANK (what "cuda" means for it), so
+    the ranks of one node do not all load their model on GPU 0."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def check_count(shard: Shard, names: Sequence[str]) -> None:

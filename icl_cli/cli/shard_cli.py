@@ -21,9 +21,11 @@ def finish(gl, out, names: Sequence[str]) -> bool:
     if out.result is not None:
         return True
     verb = "reused" if out.part.reused else "saved"
-    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); "
-        f"run the command without --shard once every shard is done to assemble", ctx_globals=gl)
-    if out.shard.count > 1 and _torchrun_rank():
+    torchrun = _torchrun_rank()
+    then = "rank 0 assembles" if torchrun else "run the command without --shard once every shard is done to assemble"
+    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); {then}",
+        ctx_globals=gl)
+    if torchrun:
         return False  # under torchrun only rank 0 prints
     data = part_json(out, names)
 
