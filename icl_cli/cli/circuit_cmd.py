@@ -19,7 +19,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, saved
 from icl_cli.cli.context import emit, g, log
-from icl_cli.cli.shard_cli import SHARD_HELP
+from icl_cli.cli.shard_cli import CIRCUIT_SHARD_HELP
 from icl_cli.errors import IclError
 
 FORMAT_VERSION = 1
@@ -47,9 +47,7 @@ def circuit_cmd(
     template: str = typer.Option("paper", "--template", help="Prompt template: paper | hendel | todd."),
     estimate: bool = typer.Option(False, "--estimate", help="Only print the memory and time the circuit needs."),
     top: int = typer.Option(3, "--top", help="Nodes shown per layer and role in the table."),
-    shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP.replace("publish it as a partial artifact; the same "
-                                        "command without --shard assembles the shards", "publish their circuits; without --shard every "
-                                        "existing circuit is reused and only the missing ones computed")),
+    shard: Optional[str] = typer.Option(None, "--shard", help=CIRCUIT_SHARD_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists; run even when the estimate exceeds free memory."),
 ) -> None:

@@ -7,9 +7,12 @@ from typing import Sequence
 
 from icl_cli.cli.context import emit, log
 
-SHARD_HELP = ("i/n: compute only shard i of n of the tasks (tasks[i::n]) and publish it as a partial artifact; "
-              "the same command without --shard assembles the shards (SLURM: "
-              "${SLURM_ARRAY_TASK_ID}/${SLURM_ARRAY_TASK_COUNT}; torchrun sets it from RANK/WORLD_SIZE).")
+SHARD_HELP = ("i/n: compute only shard i of n (tasks i, i+n, i+2n, … of the list) and publish it as a partial "
+              "artifact; the same command without --shard assembles the shards. SLURM: "
+              "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; torchrun sets it from RANK/WORLD_SIZE.")
+CIRCUIT_SHARD_HELP = ("i/n: compute only the circuits of shard i of n (tasks i, i+n, i+2n, … of the list); without "
+                      "--shard every circuit already stored is reused and only the missing ones are computed. SLURM: "
+                      "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; torchrun sets it from RANK/WORLD_SIZE.")
 
 
 def finish(gl, out, names: Sequence[str]) -> bool:
