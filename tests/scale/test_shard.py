@@ -92,7 +92,7 @@ def runs(tiny_toy_dir, tmp_path_factory):
     tv = _invoke(one, "-q", *_collect(tiny_toy_dir)).stdout.strip()
     sae_key = _invoke(one, "-q", "store", "import", sae, "--kind", "sae").stdout.strip()
     clean_args = ["clean", "--tv", tv, "--sae", sae_key, "--max-steps", "4", "--patience", "3", "--l1-grid", "0.1,0.01,0.001",
-                  "--n-train", "4", "--n-val", "4"]
+                  "--l1-tolerance", "0", "--l1-slack", "0", "--n-train", "4", "--n-val", "4"]  # λs differ by task
     clean = _invoke(one, "-q", *clean_args).stdout.strip()
     steer_args = ["steer", "--clean", clean, "--n-prompts", "4", "--min-effect", "0.01"]
     steer = _invoke(one, "-q", *steer_args).stdout.strip()
