@@ -199,6 +199,9 @@ def run(store, spec: StepSpec, names: Sequence[str], compute: Callable, merge: C
     spec = store.bind(spec)
     if shard is not None:
         check_count(shard, names)
+        if not force and store.get(spec.key) is not None:
+            say(f"{spec.step} {spec.key[:12]} is complete already: shard {shard} has nothing to compute")
+            return Outcome(result=store.run(spec, lambda st: compute(st, list(names)), name=name, log=say), shard=shard)
         mine = shard.tasks(names)
         say(f"shard {shard}: {len(mine)} of {len(names)} tasks ({', '.join(mine)})")
         part = store.run(part_spec(spec, shard, names), lambda st: compute(st, mine), force=force, log=say)

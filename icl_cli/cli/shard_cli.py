@@ -21,8 +21,8 @@ def finish(gl, out, names: Sequence[str]) -> bool:
 
     if out.line:
         log(out.line, ctx_globals=gl)
-    if out.result is not None:
-        return True
+    if out.result is not None:  # the full artifact (under torchrun rank 0 alone prints it)
+        return not (out.shard is not None and out.shard.index != 0 and _torchrun_rank())
     verb = "reused" if out.part.reused else "saved"
     torchrun = _torchrun_rank()
     then = "rank 0 assembles" if torchrun else "run the command without --shard once every shard is done to assemble"

@@ -128,6 +128,9 @@ def test_collect_shards_assemble_to_the_unsharded_artifact(runs, tiny_toy_dir, t
         assert set(Store(two).keys()) == set(part_keys) | {runs["tv"]}
         assert_same_h5(runs["one"].get(runs["tv"]).file("collect.h5"), art.file("collect.h5"))
         assert art.metrics["best_layer"] == runs["one"].get(runs["tv"]).metrics["best_layer"]
+        # a shard of a complete artifact computes nothing and prints the full key
+        again = _invoke(two, "-q", *_collect(tiny_toy_dir), "--shard", f"0/{n}")
+        assert again.stdout.strip() == runs["tv"] and "has nothing to compute" in again.stderr
         # the summary a reader prints is the unsharded one
         js = [_invoke(s, "--json", *_collect(tiny_toy_dir)).stdout for s in (runs["one"].root, two)]
         assert js[0] == js[1]
