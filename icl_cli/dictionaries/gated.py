@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from icl_cli.dictionaries import sparse_train
 from icl_cli.dictionaries.base import DictConfig, Dictionary, LossParts, mse_sum, register
 
 
@@ -63,13 +64,17 @@ class GatedSAE(Dictionary):
         return gate.to(proj.dtype) * torch.relu(proj * torch.exp(self.r_mag) + self.b_mag)
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
-        proj = self.sae_in(x) @ self.W_enc  # [B, d_sae]
-        pi = proj + self.b_gate
+        # only entries with an open gate matter: proj > −b_gate ⇔ π = proj + b_gate > 0 exactly in
+        # floating point (a rounded sum keeps the sign of the exact one)
+        b_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        c = sparse_train.encode(x.to(self.W_enc.dtype), b_in, self.W_enc, None, -self.b_gate.detach())
+        proj = c.pre  # [B, d_sae], or [nnz] at the open gates
+        pi = proj + c.feature(self.b_gate)
         f_gate = torch.relu(pi)
-        a = (pi > 0).to(proj.dtype) * torch.relu(proj * torch.exp(self.r_mag) + self.b_mag)
-        recon = self.decode(a)
+        a = (pi > 0).to(proj.dtype) * torch.relu(proj * c.feature(torch.exp(self.r_mag)) + c.feature(self.b_mag))
+        recon = c.decode(a, self.W_dec, self.b_dec)
         mse = mse_sum(recon, target)
-        sparsity = (f_gate * self.W_dec.norm(dim=1)).sum(-1).mean()
-        via_gate = f_gate @ self.W_dec.detach() + self.b_dec.detach()
+        sparsity = (f_gate * c.feature(self.W_dec.norm(dim=1))).sum() / c.batch
+        via_gate = c.decode(f_gate, self.W_dec.detach(), self.b_dec.detach())
         aux = mse_sum(via_gate, target)
-        return LossParts(mse + coeff * sparsity + aux, mse, sparsity, aux, a > 0, recon)
+        return LossParts(mse + coeff * sparsity + aux, mse, sparsity, aux, c.fired(a > 0), recon)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from icl_cli.dictionaries import sparse_train
 from icl_cli.dictionaries.base import DictConfig, Dictionary, LossParts, mse_sum, register
 
 BANDWIDTH = 1e-3
@@ -37,7 +38,7 @@ class _JumpReLUL0(torch.autograd.Function):
     def backward(ctx, g_a: Tensor, g_l0: Tensor):
         pre, theta, on = ctx.saved_tensors
         near = ((pre - theta).abs() < BANDWIDTH / 2).to(pre.dtype)
-        g_theta = -(near * (theta * g_a + g_l0.unsqueeze(-1))).sum(0) / BANDWIDTH
+        g_theta = (-(near * (theta * g_a + g_l0.unsqueeze(-1))) / BANDWIDTH).sum_to_size(theta.shape)
         return g_a * on, g_theta
 
 
@@ -59,13 +60,23 @@ class JumpReLUSAE(Dictionary):
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
-        # θ > 0 (kept so by after_step), so relu(pre)·[pre > θ] = pre·[pre > θ]
-        a, l0 = _JumpReLUL0.apply(self.encode_pre(x), self.threshold)
-        recon = self.decode(a)
+        # θ > 0 (kept so by after_step), so relu(pre)·[pre > θ] = pre·[pre > θ]. Only entries with
+        # pre > θ − ε matter (open gate or inside the kernel window |pre − θ| < ε/2).
+        b_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        theta = self.threshold
+        with torch.no_grad():  # pre > θ − ε, with room for the rounding of pre = x'W_enc + b_enc
+            thr = theta - BANDWIDTH - 1e-5 * (theta.abs() + self.b_enc.abs())
+        c = sparse_train.encode(x.to(self.W_enc.dtype), b_in, self.W_enc, self.b_enc, thr)
+        if c.pattern is None:
+            a, l0 = _JumpReLUL0.apply(c.pre, theta)  # [B, d_sae], [B]
+        else:  # one "row" per entry: [nnz, 1]
+            a, l0 = _JumpReLUL0.apply(c.pre.unsqueeze(1), c.feature(theta).unsqueeze(1))
+            a = a.squeeze(1)
+        recon = c.decode(a, self.W_dec, self.b_dec)
         mse = mse_sum(recon, target)
-        sparsity = l0.mean()
+        sparsity = l0.sum() / c.batch
         zero = mse.new_zeros(())
-        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, a > 0, recon)
+        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, c.fired(a > 0), recon)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from icl_cli.dictionaries import sparse_train
 from icl_cli.dictionaries.base import Dictionary, LossParts, mse_sum, register
 
 
@@ -20,9 +21,12 @@ class StandardSAE(Dictionary):
         return torch.relu(pre)
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
-        a = self.encode(x)  # [B, d_sae]
-        recon = self.decode(a)
+        # only entries with pre > 0 matter: relu is 0 (and has gradient 0) elsewhere
+        b_in = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        c = sparse_train.encode(x.to(self.W_enc.dtype), b_in, self.W_enc, self.b_enc, 0.0)
+        a = torch.relu(c.pre)  # [B, d_sae], or [nnz] at the active entries
+        recon = c.decode(a, self.W_dec, self.b_dec)
         mse = mse_sum(recon, target)
-        sparsity = (a * self.W_dec.norm(dim=1)).sum(-1).mean()
+        sparsity = (a * c.feature(self.W_dec.norm(dim=1))).sum() / c.batch
         zero = mse.new_zeros(())
-        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, a > 0, recon)
+        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, c.fired(a > 0), recon)

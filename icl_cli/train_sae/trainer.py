@@ -130,7 +130,7 @@ def train_dictionaries(
         d.reset_parameters(gen)
         dicts.append(d.to(device))
     params = [p for d in dicts for p in d.parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.999))
+    opt = make_optimizer(params, cfg.lr)
 
     ctx = cfg.ctx
     n_eval = max(1, math.ceil(cfg.eval_tokens / max(ctx - 1, 1)))
@@ -276,6 +276,11 @@ def train_dictionaries(
                  steps=st.step, tokens=st.tokens, input_scale=float(st.n_in[i]))
         out.append(Trained(layer, d.cpu(), m, st.curves[i], torch.log10(freq + 1e-10).float(), cfg.params(layer)))
     return out
+
+
+def make_optimizer(params: list[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam (β 0.9, 0.999) over all dictionaries' parameters, one multi-tensor update per step."""
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), foreach=True)
 
 
 def _input_scale(x: Tensor, d_model: int) -> Tensor:
