@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SPARSE_MAX_DENSITY = 0.06
+SPARSE_MAX_DENSITY = 0.1
 """Above this fraction of active entries the dense products are faster (measured on CPU)."""
 
 
@@ -60,6 +60,17 @@ class Pattern:
         crow = torch.zeros(B + 1, dtype=torch.long, device=mask.device)
         torch.cumsum(torch.bincount(row, minlength=B), 0, out=crow[1:])
         ccol = torch.zeros(n_feat + 1, dtype=torch.long, device=mask.device)
+        torch.cumsum(torch.bincount(col, minlength=n_feat), 0, out=ccol[1:])
+        return cls(row, col, crow, torch.argsort(col, stable=True), ccol, (B, n_feat))
+
+    @classmethod
+    def of_rows(cls, idx: Tensor, n_feat: int) -> "Pattern":
+        """The pattern of k entries per row at columns idx [B, k] (top-k), in that order."""
+        B, k = idx.shape
+        col = idx.reshape(-1)
+        row = torch.arange(B, device=idx.device).repeat_interleave(k)
+        crow = torch.arange(0, B * k + 1, k, device=idx.device)
+        ccol = torch.zeros(n_feat + 1, dtype=torch.long, device=idx.device)
         torch.cumsum(torch.bincount(col, minlength=n_feat), 0, out=ccol[1:])
         return cls(row, col, crow, torch.argsort(col, stable=True), ccol, (B, n_feat))
 

@@ -13,32 +13,13 @@ sampled dense-dense product (SDDMM). Only the encoder's forward matmul stays den
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from icl_cli.dictionaries.base import Dictionary, LossParts, mse_sum, register
+from icl_cli.dictionaries.sparse_train import Pattern, _SparseDecode
 
 AUXK_COEFF = 1 / 32
-
-
-def _coo_t(idx: Tensor, vals: Tensor, d_sae: int) -> Tensor:
-    """The transpose of the [B, d_sae] activation matrix with k entries per row, as COO [d_sae, B]."""
-    B, k = idx.shape
-    rows = torch.arange(B, device=idx.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), vals.reshape(-1), (d_sae, B))
-
-
-def _sampled_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
-    """out[b, j] = ⟨g[b], W[idx[b, j]]⟩ for g [B, d], W [d_sae, d] -> [B, k], without B·k·d memory."""
-    B, k = idx.shape
-    crow = torch.arange(0, B * k + 1, k, device=idx.device)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore")
-        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(B * k, dtype=W.dtype, device=W.device), (B, W.shape[0]))
-        return torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(B, k)
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -46,7 +27,7 @@ class _TopKEncode(torch.autograd.Function):
 
     vals are the raw top-k pre-activations (relu is applied outside, so its mask enters the
     gradient there). Backward is sparse in d_sae: dL/dW_enc = x'ᵀ G with G [B, d_sae] holding k
-    entries per row, computed as a sparse-dense product.
+    entries per row, computed as a sparse-dense product (Gᵀ x')ᵀ.
     """
 
     @staticmethod
@@ -62,28 +43,12 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals: Tensor, _g_idx):
         xin, W_enc, idx = ctx.saved_tensors
-        g = g_vals.to(W_enc.dtype)
-        g_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        g_W = torch.sparse.mm(_coo_t(idx, g, W_enc.shape[1]), xin.to(W_enc.dtype)).T  # [d_in, d_sae]
+        g = g_vals.to(W_enc.dtype).reshape(-1)
+        pat = Pattern.of_rows(idx, W_enc.shape[1])
+        g_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(0, pat.col, g)
+        g_W = pat.t_times(g, xin.to(W_enc.dtype)).T  # [d_in, d_sae]
         g_b_in = -(W_enc @ g_b_enc) if ctx.has_b_in else None  # x' = x − b_in, summed over the batch
         return None, g_b_in, g_W, g_b_enc, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """(vals [B,k], idx [B,k], W_dec [d_sae,d_out]) -> Σ_j vals[b,j]·W_dec[idx[b,j]]  [B, d_out]."""
-
-    @staticmethod
-    def forward(ctx, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(vals, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        vals, idx, W_dec = ctx.saved_tensors
-        g = g.to(W_dec.dtype).contiguous()
-        g_vals = _sampled_dot(idx, g, W_dec)
-        g_W = torch.sparse.mm(_coo_t(idx, vals.to(W_dec.dtype), W_dec.shape[0]), g)
-        return g_vals.to(vals.dtype), None, g_W
 
 
 @register("topk")
@@ -97,7 +62,8 @@ class TopKSAE(Dictionary):
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         """[B, k] values at [B, k] feature indices -> [B, d_out]."""
-        return _SparseDecode.apply(vals.to(self.W_dec.dtype), idx, self.W_dec) + self.b_dec
+        pat = Pattern.of_rows(idx, self.cfg.d_sae)
+        return _SparseDecode.apply(vals.to(self.W_dec.dtype).reshape(-1), self.W_dec, pat) + self.b_dec
 
     def training_loss(self, x: Tensor, target: Tensor, coeff: float, dead: Tensor | None = None) -> LossParts:
         b_in = self.b_dec if self.cfg.apply_b_dec_to_input else None

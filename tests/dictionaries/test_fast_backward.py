@@ -76,6 +76,13 @@ def plain_loss(d, x, coeff):
         sparsity = (torch.relu(pi) * norms).sum(-1).mean()
         aux = sq(x - (torch.relu(pi) @ d.W_dec.detach() + d.b_dec.detach()))
         loss = sq(x - recon) + coeff * sparsity + aux
+    elif d.arch == "topk":  # no dead features: no AuxK
+        pre = xc @ d.W_enc + d.b_enc
+        vals, idx = pre.topk(d.cfg.k, dim=-1)
+        a = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+        recon = a @ d.W_dec + d.b_dec
+        sparsity = aux = torch.zeros(())
+        loss = sq(x - recon)
     else:
         pre = xc @ d.W_enc + d.b_enc
         a = _ZStep.apply(pre, d.threshold)
@@ -89,7 +96,7 @@ def plain_loss(d, x, coeff):
 def make(arch, seed=0):
     """A dictionary with unequal decoder norms and biases that leave ~1/4 of the features on."""
     g = torch.Generator().manual_seed(seed)
-    d = build(DictConfig(d_in=D_IN, d_sae=D_SAE, arch=arch))
+    d = build(DictConfig(d_in=D_IN, d_sae=D_SAE, arch=arch, k=5))
     x = torch.randn(B, D_IN, generator=g) * 2
     with torch.no_grad():
         d.W_dec.mul_(torch.rand(D_SAE, 1, generator=g) * 2 + 0.3)
@@ -101,7 +108,7 @@ def make(arch, seed=0):
             d.b_gate.copy_(-cut)
             d.b_mag.copy_(0.2 * torch.randn(D_SAE, generator=g))
             d.r_mag.copy_(0.3 * torch.randn(D_SAE, generator=g))
-        elif arch == "standard":
+        elif arch in ("standard", "topk"):
             d.b_enc.copy_(-cut + 0.01 * torch.randn(D_SAE, generator=g))
         else:
             d.b_enc.copy_(10 + 0.1 * torch.randn(D_SAE, generator=g))  # pre > 0: thresholds fit anywhere
@@ -141,7 +148,7 @@ def test_training_loss_and_gradients_equal_plain_autograd(arch, path):
         assert want["threshold"][:12].abs().min() > 0  # the kernel window was exercised
 
 
-@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu"])
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu", "topk"])
 def test_one_adam_step_equals_the_plain_autograd_step(arch, path):
     from icl_cli.train_sae.trainer import make_optimizer
 
