@@ -110,11 +110,27 @@ def resolve_device(name: str = "auto"):
 
 
 def _xla_device():
+    """torch_xla's device (a TPU), imported only when asked for. Untested on real TPUs (README, Scale)."""
     try:
+        import torch_xla
+    except ImportError as exc:  # not installed, or built for another torch (undefined symbols)
+        why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"does not load ({_first_line(exc)})"
+        raise IclError(f"--device xla needs torch_xla, which {why}; `pip install torch_xla` for your torch "
+                       "version, or use --device cpu/cuda") from None
+    try:
+        if hasattr(torch_xla, "device"):  # torch_xla ≥ 2.5
+            return torch_xla.device()
         import torch_xla.core.xla_model as xm
-    except ImportError:
-        raise IclError("--device xla needs torch_xla, which is not installed; `pip install torch_xla` or use cpu/cuda") from None
-    return xm.xla_device()
+
+        return xm.xla_device()
+    except Exception as exc:  # noqa: BLE001 - no TPU runtime, PJRT_DEVICE unset, ...
+        raise IclError(f"--device xla: torch_xla found no XLA device ({_first_line(exc)}); on a TPU VM set "
+                       "PJRT_DEVICE=TPU, or use --device cpu/cuda") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
