@@ -12,8 +12,8 @@ For each task, with v = TV[t, l] and an SAE on resid_pre[l]:
 6. λ auto (``p.l1`` None): 0-shot validation prompts whose queries are training pairs no
    training prompt asks; a λ of ``p.l1_grid`` passes when its cleaned vector's validation nll ≤
    (1 + ``p.l1_tolerance``) × the raw vector's + ``p.l1_slack`` nats. Keep the largest passing λ:
-   the first task walks down from the largest λ; each next task starts at the λ the previous one
-   chose and moves up while λs pass, or down until one passes (choose_l1). If none passes, the
+   every task's search starts at the grid λ nearest ``p.l1_start`` and moves up while λs pass, or
+   down until one passes (choose_l1), so no task's λ depends on another's. If none passes, the
    λ with the lowest validation nll.
 Baselines on the same held-out prompts: 0-shot, raw TV, SAE reconstruction, gradient pursuit
 with k = 5 and 20. ``detectors``: clean DV[t, l] instead, steering at the output token of a
@@ -189,13 +189,10 @@ def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, l
 
 
 def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tensor, p: CleanParams,
-               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None,
-               l1_start: float | None = None) -> CleanResult:
+               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None) -> CleanResult:
     """Clean one task's vector and score every method on held-out prompts.
 
     split = (n_eval, seed) of the collect step, so the held-out queries are the ones it held out.
-    l1_start: where --l1 auto's search starts (the previous task's λ: tasks cleaned with one SAE
-    tend to need similar λs, so the search usually runs two λs instead of walking down the grid).
     """
     train, heldout = task_split(task, *split)
     tr = _prompts(train, train, p.n_train, p.seed + 3, p.detectors, template, task.name)
@@ -208,7 +205,7 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
         val = _prompts(train, validation_queries(train, tr), p.n_val, p.seed + 4, p.detectors, template, task.name)
         cache_val = BaseCache.build(hm, tokenizer, val, [layer], n_first, device)
         l1, cleaned, auto = choose_l1(hm, sae, cache_tr, cache_val, layer, v, p, mask_tr,
-                                      steer_mask(cache_val.batch, p.detectors), start=l1_start)
+                                      steer_mask(cache_val.batch, p.detectors), start=p.l1_grid[p.start_index])
     else:
         l1, auto = p.l1, {}
         cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, l1, mask_tr)

@@ -15,6 +15,7 @@ from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
+from icl_cli.errors import IclError
 
 LAYER = 1
 GRID = (3.0, 0.3, 0.03, 0.0)
@@ -35,13 +36,14 @@ def env(tiny_lm):
 
 @pytest.fixture(scope="module")
 def top_down(tiny_lm, env):
-    """--l1 auto from the top of GRID (what a first task gets)."""
+    """--l1 auto from the top of GRID."""
     hm, task, cp, v, sae = env
-    return clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(), (cp.n_eval, cp.seed))
+    return clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(l1_start=max(GRID)), (cp.n_eval, cp.seed))
 
 
 def _params(**kw) -> CleanParams:
-    base = dict(l1=None, l1_grid=GRID, l1_tolerance=0.0, l1_slack=0.0, max_steps=40, patience=10, lr=0.05, n_train=8, n_val=8)
+    base = dict(l1=None, l1_grid=GRID, l1_start=max(GRID), l1_tolerance=0.0, l1_slack=0.0, max_steps=40, patience=10, lr=0.05,
+                n_train=8, n_val=8)
     return CleanParams(**{**base, **kw})
 
 
@@ -165,7 +167,8 @@ def test_clean_cli_defaults_to_auto_and_keeps_explicit_values(tiny_toy_dir, tmp_
     data = json.loads(auto.stdout)
     assert data["l1"] == "auto" and data["l1_tolerance"] == 0.1
     for t, r in data["tasks"].items():
-        assert r["l1"] in (3.0, 0.03) and r["auto"]["l1"][0] == 3.0 and data["l1_chosen"][t] == r["l1"]
+        # the search starts at the grid λ nearest the default --l1-start 0.01
+        assert r["l1"] in (3.0, 0.03) and r["auto"]["l1"][0] == 0.03 and data["l1_chosen"][t] == r["l1"]
     fixed = runner.invoke(app, [*store, "--json", "clean", "--tv", tv, "--sae", str(tmp_path / "sae"), *fast, "--l1", "0.03"])
     assert fixed.exit_code == 0, fixed.stderr
     fdata = json.loads(fixed.stdout)
@@ -195,11 +198,22 @@ def test_cleaning_stops_once_no_feature_is_left(tiny_lm, env):
 
 @pytest.mark.parametrize("start", [0.03, 0.0, 3.0])
 def test_a_search_started_elsewhere_finds_the_same_lambda(tiny_lm, env, top_down, start):
-    """From the previous task's λ the search walks up while λs pass and down while they fail:
-    on this (monotone) grid it ends at the λ the top-down search picks, trying fewer λs."""
+    """From --l1-start the search walks up while λs pass and down while they fail: on this
+    (monotone) grid it ends at the λ the top-down search picks, trying fewer λs."""
     hm, task, cp, v, sae = env
     top = top_down
-    res = clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(), (cp.n_eval, cp.seed), l1_start=start)
+    res = clean_task(hm, tiny_lm.tokenizer, sae, task, LAYER, v, _params(l1_start=start or 1e-9), (cp.n_eval, cp.seed))
     assert res.l1 == top.l1 == 0.03 and res.features == top.features
     expected = {0.03: [0.03, 0.3], 0.0: [0.0, 0.03, 0.3], 3.0: [3.0, 0.3, 0.03]}[start]
     assert res.auto["l1"] == expected
+
+
+def test_l1_start_picks_the_nearest_grid_lambda_in_log_scale():
+    grid = (0.1, 0.05, 0.025, 0.01, 0.005, 0.0025, 0.001, 1e-4, 1e-5)
+    # 0.007: |ln 0.007 − ln 0.005| = 0.336 < |ln 0.007 − ln 0.01| = 0.357
+    for start, want in ((0.01, 0.01), (0.007, 0.005), (0.0075, 0.01), (5.0, 0.1), (1e-9, 1e-5)):
+        p = CleanParams(l1=None, l1_grid=grid, l1_start=start)
+        assert p.l1_grid[p.start_index] == want, start
+    assert "l1_start" in CleanParams(l1=None).key_params() and "l1_start" not in CleanParams(l1=0.05).key_params()
+    with pytest.raises(IclError, match="--l1-start"):
+        CleanParams(l1=None, l1_start=0.0)

@@ -49,6 +49,8 @@ def clean_cmd(
     l1: str = typer.Option("auto", "--l1", help="L1 coefficient λ, or auto: per task, the largest λ of --l1-grid whose "
                            "validation nll stays within --l1-tolerance of the raw vector's (the paper used 0.05)."),
     l1_grid: str = typer.Option(",".join(f"{x:g}" for x in AUTO_L1_GRID), "--l1-grid", help="λs tried by --l1 auto (largest first)."),
+    l1_start: float = typer.Option(0.01, "--l1-start", help="--l1 auto: the grid λ every task's search starts from "
+                                   "(up while λs pass, down until one does)."),
     l1_tolerance: float = typer.Option(0.1, "--l1-tolerance", help="--l1 auto: allowed relative rise of the validation nll over the raw vector's."),
     l1_slack: float = typer.Option(0.01, "--l1-slack", help="--l1 auto: nats of validation nll always allowed on top of the tolerance."),
     n_val: int = typer.Option(24, "--n-val", help="--l1 auto: validation prompts (training pairs no training prompt asks)."),
@@ -63,6 +65,7 @@ def clean_cmd(
     shard: Optional[str] = typer.Option(None, "--shard", help=SHARD_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Name the artifact."),
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
+    estimate: bool = typer.Option(False, "--estimate", help="Only print the memory a task needs (nothing runs)."),
 ) -> None:
     """Clean task vectors into a few SAE features that keep the task (plus the baselines)."""
     from icl_cli.cli.fastpath import cpu_device_dtype
@@ -74,7 +77,7 @@ def clean_cmd(
 
     gl = g(ctx)
     store = gl.store()
-    p = CleanParams(l1=_l1(l1), l1_grid=_floats(l1_grid, "--l1-grid"), l1_tolerance=l1_tolerance, l1_slack=l1_slack, n_val=n_val, lr=lr,
+    p = CleanParams(l1=_l1(l1), l1_grid=_floats(l1_grid, "--l1-grid"), l1_start=l1_start, l1_tolerance=l1_tolerance, l1_slack=l1_slack, n_val=n_val, lr=lr,
                     max_steps=max_steps, patience=patience, n_train=n_train, sweep_l1=_floats(sweep_l1),
                     detectors=detectors, seed=gl.seed)
     tv_art = store.resolve(tv, step="collect")
@@ -101,6 +104,10 @@ def clean_cmd(
         params = {**p.key_params(), "layer": lay, "tasks": names, "sae": sae if sae_art is None else None, "dtype": dtype}
         return StepSpec("clean", params, {"tv": tv_art, "sae": sae_art}, FORMAT_VERSION)
 
+    if estimate:
+        from icl_cli.cli.estimates import clean_estimate
+
+        return clean_estimate(gl, store, cp, tv_art, sae_art, sae, layer, p, [suite[t] for t in names])
     # a reused artifact is found from the manifests alone (no torch, no SAE load): the SAE's layer
     # is in its artifact's record, and the dtype is known without torch on a machine without GPU
     known = layer if layer is not None else _recorded_layer(sae_art)
@@ -131,9 +138,8 @@ def clean_cmd(
         _, results = read_collect(tv_art.file("collect.h5"))
         j = layers.index(lay)
         out = {}
-        # --l1 auto: every task's search starts at the grid's largest λ (so it finds the largest
-        # passing λ), never at the previous task's: a task's λ must not depend on which tasks ran
-        # before it in this process (nor on the sharding)
+        # --l1 auto: every task's search starts at the same λ (--l1-start), never at the previous
+        # task's: a task's λ must not depend on which tasks ran before it (nor on the sharding)
         with task_progress(gl, len(subset), "clean") as advance:
             for i, t in enumerate(subset):
                 advance(t)
@@ -142,7 +148,7 @@ def clean_cmd(
                 if done is None:
                     v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
                     done = clean_task(hm, lm.tokenizer, dd, suite[t], lay, v, p, (cp["n_eval"], cp["seed"]),
-                                      cp["template"], cp["n_first"], lm.device, l1_start=None)
+                                      cp["template"], cp["n_first"], lm.device)
                     done.flags = flags[t]
                     done.save(part_file)
                 out[t] = done
