@@ -90,3 +90,43 @@ def test_selected_circuit_reaches_the_target(setup):
     # the threshold is the |IE| of the last kept node, and every kept node is at least that large
     assert sel.threshold == pytest.approx(float(r.ie[sel.n - 1].abs()))
     assert float(r.ie[: sel.n].abs().min()) >= sel.threshold
+
+
+def test_select_finds_the_smallest_set_on_a_known_curve(monkeypatch):
+    """select's search (grid, then bisection) against a brute-force scan of a known F(n): the
+    metric is replaced by a function of how many top nodes a mask keeps."""
+    import math
+    from types import SimpleNamespace
+
+    import icl_cli.circuit.faithfulness as fm
+
+    torch.manual_seed(0)
+    r = Ranking.of({("resid", 0): torch.randn(3, 20) + 0.01})  # 60 nodes, none zero
+    N = len(r)
+
+    def metric(n: int) -> float:  # rises steeply, then slowly: F(n) = (m(n) − m(0)) / (m(N) − m(0))
+        return -3.0 + 2.0 * (1 - math.exp(-n / 6.0)) + 0.01 * n
+
+    def fake_ablated(hm, batch, dicts, groups, base, ablate):
+        kept = sum(int((~m).sum()) for m in ablate.values())  # keep=True masks ablate all but the top n
+        return metric(kept)
+
+    monkeypatch.setattr(fm, "ablated_metric", fake_ablated)
+    groups = SimpleNamespace(index=torch.zeros(1))
+    F = [(metric(n) - metric(0)) / (metric(N) - metric(0)) for n in range(N + 1)]
+    for target in (0.5, 0.8, 0.95, 0.99):
+        want = next(n for n in range(N + 1) if F[n] >= target)
+        sel = fm.select(None, None, None, groups, None, r, target=target, points=6, bisect_steps=8)
+        assert sel.n == want, target
+        assert sel.faithfulness == pytest.approx(F[want]) and sel.threshold == pytest.approx(float(r.ie[want - 1].abs()))
+        assert all(f == pytest.approx(F[n]) for n, f in zip(sel.sweep_n, sel.sweep_faithfulness))
+
+
+def test_grid_and_threshold_by_hand():
+    from icl_cli.circuit.faithfulness import grid
+
+    assert grid(0) == [0] and grid(1) == [0, 1]
+    assert grid(100, 5) == [0, 1, 3, 10, 32, 100]  # 10^(0, 0.5, 1, 1.5, 2), rounded
+    r = Ranking.of({("resid", 0): torch.tensor([[0.5, -2.0, 1.0]])})
+    assert r.threshold(0) == float("inf")
+    assert [r.threshold(n) for n in (1, 2, 3, 9)] == [2.0, 1.0, 0.5, 0.5]
