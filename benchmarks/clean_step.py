@@ -37,8 +37,9 @@ from icl_cli.dictionaries.base import DictConfig, build
 from icl_cli.zoo.toy_icl import ToyConfig, build_model, build_tokenizer
 
 
-def random_gemma(n_layers: int, d_model: int, d_mlp: int, n_heads: int, kv_heads: int, vocab: int, seed: int = 0):
-    """A random Gemma-1 ``GemmaForCausalLM`` (eager attention, float32, frozen) built from a config."""
+def random_gemma(n_layers: int, d_model: int, d_mlp: int, n_heads: int, kv_heads: int, vocab: int, seed: int = 0,
+                 dtype: torch.dtype = torch.float32):
+    """A random Gemma-1 ``GemmaForCausalLM`` (eager attention, frozen) built from a config."""
     import transformers as tr
 
     cfg = tr.GemmaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
@@ -46,7 +47,7 @@ def random_gemma(n_layers: int, d_model: int, d_mlp: int, n_heads: int, kv_heads
                          max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return tr.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    return tr.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
 
 
 def ideal(model, n: int, layer: int, P: int, n_first: int) -> dict[str, float]:

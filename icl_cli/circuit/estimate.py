@@ -24,9 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-C_D, C_M, C_A = 10, 4, 3
-"""Elements kept for backward per token and block: ×d_model, ×d_mlp, ×heads·P."""
-GIB = 1 << 30
+from icl_cli.core.memory import C_A, C_D, C_M, GIB  # noqa: F401 (re-exported)
 
 
 @dataclass
