@@ -74,7 +74,7 @@ class GatedSAE(Dictionary):
         a = (pi > 0).to(proj.dtype) * torch.relu(proj * c.feature(torch.exp(self.r_mag)) + c.feature(self.b_mag))
         recon = c.decode(a, self.W_dec, self.b_dec)
         mse = mse_sum(recon, target)
-        sparsity = (f_gate * c.feature(self.W_dec.norm(dim=1))).sum() / c.batch
+        sparsity = c.feature_sum(f_gate) @ self.W_dec.norm(dim=1) / c.batch
         via_gate = c.decode(f_gate, self.W_dec.detach(), self.b_dec.detach())
         aux = mse_sum(via_gate, target)
         return LossParts(mse + coeff * sparsity + aux, mse, sparsity, aux, c.fired(a > 0), recon)

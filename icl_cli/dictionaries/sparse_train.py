@@ -99,6 +99,14 @@ class Codes:
     """Pre-activations: [B, F] dense, or [nnz] at the pattern."""
     pattern: Pattern | None
     batch: int
+    selected: Tensor | None = None
+    """[B, F] bool, the entries pre > thr, when computed (always on CPU)."""
+
+    def feature_sum(self, a: Tensor) -> Tensor:
+        """[F] Σ_b a[b, i] of values laid out like `pre` (one pass over a dense [B, F])."""
+        if self.pattern is None:
+            return a.sum(0)
+        return torch.zeros(self.pattern.shape[1], dtype=a.dtype, device=a.device).index_add(0, self.pattern.col, a)
 
     def feature(self, p: Tensor) -> Tensor:
         """A per-feature vector [F] laid out like `pre` ([F], broadcasting, or [nnz])."""
@@ -139,9 +147,10 @@ def encode(x: Tensor, b_in: Tensor | None, W_enc: Tensor, b_enc: Tensor | None, 
         if not sparse_ok and b_enc is not None:
             proj.add_(b_enc)
     if not sparse_ok:
-        return Codes(_DenseEncode.apply(proj, xin, x, b_in, W_enc, b_enc), None, x.shape[0])
+        sel = mask if proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64) else None
+        return Codes(_DenseEncode.apply(proj, xin, x, b_in, W_enc, b_enc), None, x.shape[0], sel)
     pat = Pattern.of(mask)
-    return Codes(_SparseEncode.apply(proj, xin, x, b_in, W_enc, b_enc, pat), pat, x.shape[0])
+    return Codes(_SparseEncode.apply(proj, xin, x, b_in, W_enc, b_enc, pat), pat, x.shape[0], mask)
 
 
 def _input_grads(ctx, g_pre_sum: Tensor, W_enc: Tensor, g_x_fn) -> tuple:

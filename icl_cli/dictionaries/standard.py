@@ -27,6 +27,8 @@ class StandardSAE(Dictionary):
         a = torch.relu(c.pre)  # [B, d_sae], or [nnz] at the active entries
         recon = c.decode(a, self.W_dec, self.b_dec)
         mse = mse_sum(recon, target)
-        sparsity = (a * c.feature(self.W_dec.norm(dim=1))).sum() / c.batch
+        # Σ_b Σ_i a_bi ‖W_dec[i]‖ / B, summed over the batch first (one pass over a dense [B, d_sae])
+        sparsity = c.feature_sum(a) @ self.W_dec.norm(dim=1) / c.batch
         zero = mse.new_zeros(())
-        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, c.fired(a > 0), recon)
+        fired = c.selected if c.pattern is None and c.selected is not None else c.fired(a > 0)  # both pre > 0
+        return LossParts(mse + coeff * sparsity, mse, sparsity, zero, fired, recon)
