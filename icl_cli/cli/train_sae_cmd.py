@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint of an interrupted run."),
         name: Optional[str] = typer.Option(None, "--name", help="Name the artifact (NAME.LAYER for several layers)."),
         force: bool = typer.Option(False, "--force", help="Retrain even if the artifact exists."),
+        estimate: bool = typer.Option(False, "--estimate", help="Only print the memory the run needs (nothing runs)."),
     ) -> None:
         """Train SAEs / transcoders; one artifact (a SAELens folder) per layer."""
         gl = g(ctx)
@@ -52,6 +53,10 @@ def register(app: typer.Typer) -> None:
         if checkpoint_every < 0:
             raise IclError("--checkpoint-every must be ≥ 0")
 
+        if estimate:
+            from icl_cli.cli.estimates import train_sae_estimate
+
+            return train_sae_estimate(gl, cfg, layer)
         from icl_cli.cli.common import load_lm
         from icl_cli.core.layers import parse_layers
 

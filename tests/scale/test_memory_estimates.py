@@ -74,3 +74,36 @@ def test_clean_estimate_bounds_the_measured_peak():
     print(f"\nclean: estimated {r['estimate'] / 2**20:.1f} MiB, measured {r['measured'] / 2**20:.1f} MiB")
     assert r["measured"] > 10 * 2**20  # the measurement saw the logits (32 × P × 65536 floats)
     assert r["measured"] <= r["estimate"] <= 3 * r["measured"]
+
+
+def test_estimate_flags_of_clean_and_train_sae(tiny_toy_dir, tmp_path):
+    """`icl clean --estimate` and `icl train-sae --estimate` print the estimate and run nothing."""
+    import torch
+    from typer.testing import CliRunner
+
+    from icl_cli.cli.app import app
+    from icl_cli.dictionaries.base import DictConfig, build
+    from icl_cli.dictionaries.io import save_saelens
+
+    store, runner = str(tmp_path / "s"), CliRunner()
+    n_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(tiny_toy_dir).parameters())
+    res = runner.invoke(app, ["--store", store, "--json", "train-sae", "--model", str(tiny_toy_dir), "--layer", "1,2",
+                              "--site", "transcoder", "--width", "128", "--estimate"])
+    assert res.exit_code == 0, res.stderr
+    t = json.loads(res.stdout)
+    assert t["n_dicts"] == 2 and t["width"] == 128 and t["layers"] == [1, 2] and t["phase"] in t["phases_gib"]
+    assert t["resident_gib"] * 2**30 == n_params * 4  # float32 weights of the real model
+    assert runner.invoke(app, ["--store", store, "-q", "store", "ls"]).stdout.split() == []  # nothing trained
+
+    tv = runner.invoke(app, ["--store", store, "-q", "collect", "--model", str(tiny_toy_dir), "--tasks", "antonyms",
+                             "--layers", "0-1", "--n-shot", "3", "--n-prompts", "2", "--n-eval", "4"]).stdout.strip()
+    torch.manual_seed(0)
+    save_saelens(build(DictConfig(d_in=32, d_sae=96, arch="gated", site="resid_pre", layer=1)), tmp_path / "sae")
+    res = runner.invoke(app, ["--store", store, "--json", "clean", "--tv", tv, "--sae", str(tmp_path / "sae"),
+                              "--l1", "0.05", "--estimate"])
+    assert res.exit_code == 0, res.stderr
+    c = json.loads(res.stdout)
+    assert (c["layer"], c["d_sae"], c["n_train"], c["n_heldout"]) == (1, 96, 24, 4) and c["phase"] in ("step", "score")
+    assert c["resident_gib"] * 2**30 == n_params * 4 + ((32 + 32) * 96 + 3 * 96 + 32) * 4
+    listed = runner.invoke(app, ["--store", store, "-q", "store", "ls"]).stdout.split()
+    assert len(listed) == 2  # the collect artifact and the imported SAE: no clean artifact, nothing trained
