@@ -6,17 +6,19 @@ defined here.) Every figure is in bytes. Notation: m bytes per model element (it
 V vocabulary, F dictionary width, J = n_first answer tokens, B·P tokens of a batch.
 
 A block run under autograd keeps, per token, K(P) = C_D·D + C_M·M + C_A·H·P elements of the
-model's dtype for its backward (estimate.py: fitted on the toy model, checked on Gemma-2). A block
-run without autograd holds its temporaries only while it runs: T(P) = 6·D + 3·M + 2·H·P elements
-per token (q/k/v/o and norm outputs, the MLP's gate/up/act, the attention scores and softmax).
+model's dtype for its backward (estimate.py: fitted on the toy model, checked on Gemma-2), plus,
+when the dtype is narrower than float32 (u = f, else u = 0), the float32 copies its norms and
+softmax make: u·(4·D + H·P) bytes. A block run without autograd holds its temporaries only
+while it runs: T(P) = 6·D + 3·M + 2·H·P elements per token (q/k/v/o and norm outputs, the MLP's
+gate/up/act, the attention scores and softmax).
 
 clean (one task; SPEC §5, icl_cli/clean.py):
     resident  weights n_params·m + the SAE (2·D·F + 3·F + D)·f
     caches    resid_pre[l] of the training, held-out and validation batches, kept for the task:
               (B_tr + B_ho + B_val)·P·D·m
-    step      blocks ≥ l under autograd, B_tr·P·(n − l)·K(P)·m; the answer logits, their
-              float32 copy (u = f when m < f, else 0: float32 needs no copy) and log-softmax,
-              with the gradients of each: 2·B_tr·J·V·(m + f + u); the block outputs and their
+    step      blocks ≥ l under autograd, B_tr·P·(n − l)·(K(P)·m + u·(4·D + H·P)); the answer
+              logits, their float32 copy (u bytes) and log-softmax, with the gradients of
+              each: 2·B_tr·J·V·(m + f + u); the block outputs and their
               gradients 2·B_tr·P·D·m; θ and Adam 4·F·f
     score     a held-out pass without autograd: full logits B_ho·P·V·m, one block's temporaries
               B_ho·P·T(P)·m, the rows read for the metrics B_ho·J·V·(m + f + u)
@@ -26,13 +28,13 @@ train-sae (SPEC §9, icl_cli/train_sae/trainer.py, data.py, evaluate.py):
     resident  weights; per dictionary its parameters p, their gradients and Adam's two moments
               4·p·f, p = (d_in + d_out)·F + 3·F + d_out
     buffer    capacity C = buffer_batches·batch_tokens rows of n_dict·(d_in [+ d_out]) elements
-              in the store dtype (m on a GPU, f on the CPU); a refill concatenates then
+              in the store dtype (bfloat16 on a GPU, float32 on the CPU); a refill concatenates then
               permutes, so it briefly holds 2·C rows
     forward   one activation batch of R = min(64, batch_tokens/ctx) chunks of ctx tokens without
               autograd: R·ctx·T(ctx)·m, plus the reads 3·R·ctx·n_dict·(d_in + d_out)·m
     step      per dictionary batch_tokens·(C_F[arch]·F + 8·(d_in + d_out))·f: pre-activations,
-              activations, masks and their gradients (C_F measured per architecture with a
-              dense first step, where every gate is open: an upper bound for later steps)
+              activations, masks and their gradients (C_F an upper bound per architecture:
+              measured on the CPU, a gated step kept 7 and a top-k step 4 per token and feature)
     eval      R·ctx tokens: the clean pass's logits, kept while each spliced pass computes its
               own, its float32 copy and cross-entropy (on a transposed view, so one more
               float32 copy), R·ctx·V·(2m + 2f + u), and the encoding
@@ -95,6 +97,11 @@ class ModelShape:
         """K(P): elements a block keeps per token for its backward."""
         return C_D * self.d_model + C_M * self.d_mlp + C_A * self.n_heads * P
 
+    def saved_bytes(self, P: int) -> int:
+        """Bytes a block keeps per token for its backward: K(P) in the model's dtype, and in a
+        narrower dtype the float32 copies its norms and softmax make, u·(4·D + H·P)."""
+        return self.saved(P) * self.dtype_bytes + self.upcast * (4 * self.d_model + self.n_heads * P)
+
     def temporaries(self, P: int) -> int:
         """T(P): elements a block holds per token while it runs without autograd."""
         return 6 * self.d_model + 3 * self.d_mlp + 2 * self.n_heads * P
@@ -136,7 +143,7 @@ def clean_memory(s: ModelShape, d_sae: int, layer: int, P: int, n_train: int = 2
     """One task of `clean` (module docstring) for 0-shot prompts of P tokens (padded)."""
     m, D, V, J = s.dtype_bytes, s.d_model, s.vocab, n_first
     caches = (n_train + n_heldout + n_val) * P * D * m
-    step = (n_train * P * (s.n_layers - layer) * s.saved(P) * m + 2 * n_train * J * V * s.rows_bytes
+    step = (n_train * P * (s.n_layers - layer) * s.saved_bytes(P) + 2 * n_train * J * V * s.rows_bytes
             + 2 * n_train * P * D * m + 4 * d_sae * F4)
     score = n_heldout * P * (V * m + s.temporaries(P) * m) + n_heldout * J * V * s.rows_bytes
     resident = s.n_params * m + sae_params(D, d_sae) * F4

@@ -21,16 +21,17 @@ def test_clean_estimate_by_hand():
     e = clean_memory(TINY, d_sae=32, layer=3, P=5, n_train=2, n_heldout=3, n_val=1, n_first=2)
     caches = 6 * 5 * 8 * 2  # (2 + 3 + 1) prompts × 5 tokens × d_model 8 × 2 bytes = 480
     saved = 10 * 8 + 4 * 16 + 3 * 2 * 5  # per token and block: 80 + 64 + 30 = 174 elements
-    step = (2 * 5 * 1 * saved * 2  # 2 prompts × 5 tokens × 1 block (3 of 4) × 174 × 2 bytes = 3480
+    upcast = 4 * (4 * 8 + 2 * 5)  # bfloat16: float32 copies of the norms (4·D) and softmax (H·P) = 168 bytes
+    step = (2 * 5 * 1 * (saved * 2 + upcast)  # 2 prompts × 5 tokens × 1 block (3 of 4) × 516 bytes = 5160
             + 2 * 2 * 2 * 50 * (2 + 4 + 4)  # answer logits, float32 copy, log-softmax, their grads = 4000
             + 2 * 2 * 5 * 8 * 2  # block outputs and their gradients = 320
             + 4 * 32 * 4)  # θ, its gradient and Adam's moments in float32 = 512
     temp = 6 * 8 + 3 * 16 + 2 * 2 * 5  # = 116
     # full logits + one block's temporaries, then the answer rows: bfloat16, float32 copy, log-softmax
     score = 3 * 5 * (50 + temp) * 2 + 3 * 2 * 50 * (2 + 4 + 4)  # = 4980 + 3000
-    assert e.phases == {"step": caches + step, "score": caches + score} == {"step": 8792, "score": 8460}
+    assert e.phases == {"step": caches + step, "score": caches + score} == {"step": 10472, "score": 8460}
     assert e.resident == 1000 * 2 + ((8 + 8) * 32 + 3 * 32 + 8) * 4 == 4464
-    assert (e.peak, e.phase, e.total) == (8792, "step", 4464 + 8792)
+    assert (e.peak, e.phase, e.total) == (10472, "step", 4464 + 10472)
 
 
 def test_train_sae_estimate_by_hand():
