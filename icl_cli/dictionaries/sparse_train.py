@@ -141,14 +141,14 @@ def encode(x: Tensor, b_in: Tensor | None, W_enc: Tensor, b_enc: Tensor | None, 
         xin = x - b_in if b_in is not None else x
         proj = torch.mm(xin, W_enc)  # [B, F], the one dense product
         sparse_ok = proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64)
+        mask = None
         if sparse_ok:
             mask = proj > (thr - b_enc if b_enc is not None else thr)
             sparse_ok = int(torch.count_nonzero(mask)) <= SPARSE_MAX_DENSITY * mask.numel()
-        if not sparse_ok and b_enc is not None:
-            proj.add_(b_enc)
+        if not sparse_ok and b_enc is not None:  # in place unless autocast made proj bfloat16
+            proj = proj.add_(b_enc) if proj.dtype == b_enc.dtype else proj + b_enc
     if not sparse_ok:
-        sel = mask if proj.device.type == "cpu" and proj.dtype in (torch.float32, torch.float64) else None
-        return Codes(_DenseEncode.apply(proj, xin, x, b_in, W_enc, b_enc), None, x.shape[0], sel)
+        return Codes(_DenseEncode.apply(proj, xin, x, b_in, W_enc, b_enc), None, x.shape[0], mask)
     pat = Pattern.of(mask)
     return Codes(_SparseEncode.apply(proj, xin, x, b_in, W_enc, b_enc, pat), pat, x.shape[0], mask)
 
@@ -173,9 +173,10 @@ class _DenseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         xin, W_enc = ctx.saved_tensors
+        g = g.to(W_enc.dtype)  # under autocast pre (and so g) may be bfloat16
         g_sum = g.sum(0)
         g_x, g_b_in = _input_grads(ctx, g_sum, W_enc, lambda: g @ W_enc.T)
-        g_W = xin.T @ g if ctx.needs_input_grad[4] else None
+        g_W = xin.to(g.dtype).T @ g if ctx.needs_input_grad[4] else None
         return None, None, g_x, g_b_in, g_W, g_sum if ctx.has_b_enc else None
 
 

@@ -207,3 +207,19 @@ def test_sparse_form_is_chosen_for_a_trained_like_density_and_dense_for_a_fresh_
     assert sparse_train.encode(x, None, W, b, 0.0).pattern is None  # half fire
     c = sparse_train.encode(x, None, W, b, 10.0)  # pre ~ N(0, 16): ~0.6% fire
     assert c.pattern is not None and 0 < len(c.pre) < 0.06 * 64 * 256
+
+
+@pytest.mark.parametrize("arch", ["standard", "gated", "jumprelu"])
+def test_bfloat16_autocast_gives_float32_gradients_close_to_float32(arch):
+    """train-sae runs under bfloat16 autocast on GPUs; the dense form must accept bf16 codes."""
+    d, x = make(arch, seed=4)
+    want = grads_of(d, d.training_loss(x, x, 0.5).loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = d.training_loss(x, x, 0.5).loss
+    got = grads_of(d, loss)
+    for n in want:
+        assert got[n].dtype == torch.float32 and torch.isfinite(got[n]).all()
+        if arch == "jumprelu":  # entries planted within 0.2ε of θ: bfloat16 rounding flips them
+            continue
+        scale = want[n].abs().max().clamp_min(1e-3)
+        assert ((got[n] - want[n]).abs().max() / scale) < 0.15, n
