@@ -16,7 +16,7 @@ from icl_cli.collect import CollectParams, collect_task
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.steer import PromptSource, SteerParams, negative_task, task_direction
+from icl_cli.steer import PromptSource, SteerParams, negative_task, run_steer, task_direction
 
 
 def _sae(d_in=5, d_sae=4, seed=0):
@@ -96,6 +96,9 @@ def test_own_worst_share_by_hand():
     assert own_worst_share(flipped) == pytest.approx(0.5)
     unmeasured = AblateResult(["a"], ["a"], {"nll": torch.tensor([1.0])}, {"nll": torch.tensor([[nan]])})
     assert own_worst_share(unmeasured) is None
+    # an unmeasured cell never wins, even over a loss that fell: b's column is (NaN, −0.2) -> b ✓
+    falls = AblateResult(["a", "b"], ["b"], {"nll": torch.tensor([1.0])}, {"nll": torch.tensor([[nan], [0.8]])})
+    assert own_worst_share(falls) == pytest.approx(1.0)
 
 
 def test_task_direction_is_the_normalised_sum_of_unit_directions():
@@ -118,3 +121,25 @@ def test_negative_sweep_prompts_are_collects_few_shot_evaluation(tiny_lm):
     other = negative_task(hm, tiny_lm.tokenizer, task, 1, None, SteerParams(mode="negative", n_prompts=5),
                           src._replace(seed=5))
     assert other.base_nll != pytest.approx(res.sweep["few_shot_nll"], rel=1e-5)  # the check can tell prompts apart
+
+
+def test_negative_mode_subtracts_each_tasks_own_normalised_direction(tiny_lm):
+    """run_steer in negative mode: task t's row is the sweep with d_t = Σ_f W_dec[f]/‖W_dec[f]‖ over
+    t's features, normalised (written out here), and its feature sets are recorded as selected."""
+    hm = HookedModel(tiny_lm.model)
+    sae = _sae(d_in=tiny_lm.d_model, d_sae=12, seed=3)
+    tasks = [load_task("antonyms"), load_task("en_fr")]
+    own = {"antonyms": [1, 4], "en_fr": [7]}
+    src = PromptSource(n_eval=4, seed=0, n_shot=3)
+    p = SteerParams(mode="negative", n_prompts=4, scales=(0.0, 6.0))
+    res = run_steer(hm, tiny_lm.tokenizer, tasks, 1, sae, p, src, [1, 4, 7], own, task_features=own)
+    assert res.selected == own and res.scales.tolist() == [0.0, 6.0]
+    for i, t in enumerate(tasks):
+        total = torch.zeros(tiny_lm.d_model)
+        for f in own[t.name]:
+            w = sae.W_dec[f].float()
+            total += w / math.sqrt(float((w * w).sum()))
+        d = total / math.sqrt(float((total * total).sum()))
+        cells = negative_task(hm, tiny_lm.tokenizer, t, 1, d, p, src)
+        torch.testing.assert_close(res.nll[i], cells.nll, rtol=1e-5, atol=1e-6)
+        assert float(res.nll[i, 1]) != pytest.approx(float(res.nll[i, 0]))  # the sweep moves the loss
