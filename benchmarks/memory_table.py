@@ -207,7 +207,8 @@ SCALED = {
     "clean": [dict(n_layers=6, d_model=256, d_mlp=1024, vocab=65536, d_sae=4096, layer=4),
               dict(n_layers=12, d_model=512, d_mlp=2048, vocab=131072, d_sae=8192, layer=8),
               dict(n_layers=12, d_model=512, d_mlp=2048, vocab=131072, d_sae=8192, layer=8, dtype="bfloat16"),
-              dict(n_layers=12, d_model=512, d_mlp=2048, vocab=4096, d_sae=8192, layer=1)],  # the step is the peak
+              dict(n_layers=12, d_model=512, d_mlp=2048, vocab=4096, d_sae=8192, layer=1),  # the step is the peak
+              dict(n_layers=12, d_model=512, d_mlp=2048, vocab=4096, d_sae=8192, layer=1, dtype="bfloat16")],
     "train-sae": [dict(n_layers=4, d_model=128, d_mlp=512, vocab=32768, d_sae=2048, arch="gated", batch_tokens=1024,
                        ctx=64, buffer_batches=4),
                   dict(n_layers=4, d_model=256, d_mlp=1024, vocab=65536, d_sae=4096, arch="topk", batch_tokens=2048,
