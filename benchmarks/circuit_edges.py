@@ -71,7 +71,7 @@ def main() -> None:
         sel.setdefault(r.keys[int(r.key_idx[i])], []).append((int(r.group[i]), int(r.feature[i])))
     n_down = sum(len(v) for k, v in sel.items() if any(u in sel for u in upstream(k)))
     res = {}
-    for name, kw in (("batched", {"max_rows": a.edge_rows}), ("per node", {"per_node": True})):
+    for name, kw in (("batched", {"max_rows": a.edge_rows}), ("per node", {"method": "per-node"})):
         box = {}
 
         def run(kw=kw, box=box):

@@ -8,17 +8,28 @@ fixed (resid[l] → transcoder[l] is the direct path only; Marks et al. stop gra
 1. edge(u → d) = Σ_{tokens p of d's group} Σ_{tokens q of u's group}
                  ∂m/∂a_d[p] · ∂a_d[p]/∂a_u[q] · (a_u[q] − a′_u[q]),
    with ∂m/∂a_d from the clean pass; for an error node read e, ∂m/∂e and ⟨·,·⟩ over d_model.
-2. A pass runs block l only (start_at = l, from the clean resid_pre[l]) and stops once the
-   downstream site is reached. Every site of layer l is frozen: it writes x_out.detach() + δ_u,
-   where δ_u [R,P,D] is a zero leaf, so ∂/∂δ_u is the gradient at that site's output and
-   ∂/∂a_u = ∂/∂δ_u · W_dec,uᵀ. Downstream a_d = encode(x_in) is computed from the live input.
-   Into resid[l+1] no pass is needed: with block l frozen, resid_pre[l+1] = clean + Σ_u δ_u.
-3. Batched seeds: the prompt batch (B rows) is tiled K times, one copy per downstream node; the
-   objective Σ_k Σ_p w_k[p]·a_d(k)[copy k, p, f_k] with w_k = ∂m/∂a_d[·, f_k] on k's group gives,
-   in one backward, each copy's vector-Jacobian product (rows never interact). Feature rows
-   encode only the columns the chunk needs (top-k dictionaries: all columns).
-4. Edge weights for the selected upstream nodes: group sums of (∂/∂a_u)·(a_u − a′_u).
-``per_node=True`` runs one backward per downstream node (K = 1): the reference and the benchmark.
+2. One pass per chunk of downstream nodes runs block l once on the B prompt rows (start_at = l,
+   from the clean resid_pre[l]) and stops once the downstream site is reached. Every site of
+   layer l is frozen: it writes x_out.detach() + δ_u, δ_u [B,P,D] a zero leaf (only for the sites
+   u that feed the downstream site), so ∂/∂δ_u is the gradient at u's output and
+   ∂/∂a_u = ∂/∂δ_u · W_dec,uᵀ. Into resid[l+1] no pass is needed: with block l frozen,
+   resid_pre[l+1] = clean + Σ_u δ_u, so ∂/∂δ_u is the seed itself.
+3. Seeds at the downstream site's input x, in closed form: the standard, JumpReLU, gated and
+   top-k encoders are a = φ(x′·W + b), x′ = x − b_dec, with φ′ ∈ {0, 1} (JumpReLU's step and the
+   gate have zero derivative; gated: W = W_enc·exp(r_mag), the magnitude path), so
+   ∂a_f/∂x = [a_f > 0]·W[:, f] and feature row k (feature f_k, group g_k) has the seed
+   s_k[b,p,:] = w_k[b,p]·[a_f_k[b,p] > 0]·W[:, f_k], w_k = ∂m/∂a_d[·, f_k] on g_k's tokens,
+   zero elsewhere: no autograd through the encoder, nothing of size [K,B,P,F]. Other dictionary
+   classes: autograd through encode (the columns needed). Error row: ∂m/∂e on its group's
+   tokens at the site's output, and its pull-back −(∂ decode(encode(x))/∂x)ᵀ(·) at x.
+4. The K seeds share the one forward graph: their vector-Jacobian products are one backward
+   batched over the seeds (autograd.grad(is_grads_batched=True), vmap over the backward graph),
+   or, where vmap fails, one backward per seed on the retained graph.
+5. Edge weights for the selected upstream nodes: for each upstream group g, Σ over g's tokens
+   of (∂/∂δ_u · W_dec,u[f]ᵀ)·(a_u − a′_u)[f] (only g's tokens enter the products).
+``method="tiled"`` tiles the prompt batch K times instead and differentiates through the encoder
+(edges_ref.py), ``method="per-node"`` is that with K = 1, one backward per downstream node: the
+references for the tests and benchmarks/circuit_edges.py.
 """
 
 from __future__ import annotations
@@ -29,9 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from icl_cli.circuit.attribution import NodeScores
-from icl_cli.circuit.splice import Key, repeat_batch, splice_edits
+from icl_cli.circuit.splice import Key, splice_edits
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.sites import HookedModel, Site
+from icl_cli.dictionaries.gated import GatedSAE
+from icl_cli.dictionaries.jumprelu import JumpReLUSAE
+from icl_cli.dictionaries.standard import StandardSAE
+from icl_cli.dictionaries.topk import TopKSAE
+from icl_cli.errors import IclError
 
 Node = tuple[Key, int, int]
 """(key, group index, feature or -1 for the error node)."""
@@ -76,12 +92,22 @@ def encode_cols(d, x: Tensor, cols: Tensor) -> Tensor:
     return torch.func.functional_call(_Encoder(d), sliced, (x,), strict=False)
 
 
+METHODS = ("batched", "tiled", "per-node")
+
+
 def edges(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key, object], s: NodeScores,
-          selected: Mapping[Key, Sequence[tuple[int, int]]], max_rows: int = 256, per_node: bool = False,
+          selected: Mapping[Key, Sequence[tuple[int, int]]], max_rows: int = 256, method: str = "batched",
           progress: Callable[[str], None] | None = None) -> list[Edge]:
-    """Every edge between selected nodes of consecutive sites. selected: key -> [(group, feature)]."""
+    """Every edge between selected nodes of consecutive sites. selected: key -> [(group, feature)].
+    A chunk holds K = max_rows // B downstream nodes (K = 1 for method "per-node")."""
+    if method not in METHODS:
+        raise IclError(f"unknown edge method {method!r}; use one of {', '.join(METHODS)}")
+    if method == "batched":
+        chunk = _chunk
+    else:
+        from icl_cli.circuit.edges_ref import tiled_chunk as chunk
     B = len(batch)
-    K = 1 if per_node else max(1, max_rows // max(B, 1))
+    K = 1 if method == "per-node" else max(1, max_rows // max(B, 1))
     out: list[Edge] = []
     for l in sorted({l for _, l in s.keys}):
         downs = [k for k in (("attn", l), ("transcoder", l), ("resid", l + 1)) if k in dicts and selected.get(k)]
@@ -93,7 +119,7 @@ def edges(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key, object], s: N
             for lo in range(0, len(rows), K):
                 if progress:
                     progress(f"edges into {k[0]}.{k[1]}: {lo}/{len(rows)}")
-                out += _chunk(hm, batch, dicts, s, selected, l, rows[lo:lo + K], ups)
+                out += chunk(hm, batch, dicts, s, selected, l, rows[lo:lo + K], ups)
     return out
 
 
@@ -101,133 +127,187 @@ class _Captured(Exception):
     """Leaves a pass once the downstream site's input and output are known."""
 
 
+class Rank1(NamedTuple):
+    """Seeds of feature rows in closed form: row k is c[k,b,p]·v[k,:] (step 3)."""
+
+    c: Tensor
+    """[n,B,P]"""
+    v: Tensor
+    """[n,D]"""
+
+    def dense(self) -> Tensor:
+        """[n,B,P,D]"""
+        return self.c[..., None] * self.v[:, None, None, :]
+
+
 def _chunk(hm: HookedModel, batch: PromptBatch, dicts, s: NodeScores, selected, l: int,
            rows: list[Node], ups: list[Key]) -> list[Edge]:
-    """Steps 2-4 for one chunk of downstream nodes of layer l (one forward, one backward)."""
-    K, B, P = len(rows), len(batch), batch.input_ids.shape[1]
+    """Steps 2-5 for one chunk of downstream nodes of one site of layer l (features first)."""
+    key = rows[0][0]
+    ups = [u for u in ups if u in upstream(key)]
+    if not ups:
+        return []
+    layer_keys = [k for k in (("resid", l), ("attn", l), ("transcoder", l)) if k in dicts]
+    if key == ("resid", l + 1) and len(layer_keys) == 3 and l + 1 in s.resid:
+        x = s.resid[l + 1].to(s.clean[ups[0]][0].dtype)
+        parts = [p[0] if len(p) == 1 else p[0] + p[1] for _, p in _seeds(dicts[key], s, key, rows, x, x, True)]
+        grads = {u: parts for u in ups}
+    else:
+        grads = _block_vjps(hm, batch, dicts, s, l, key, rows, ups, layer_keys)
+    out: list[Edge] = []
+    for u in ups:
+        if grads[u] is not None:
+            out += _weights(rows, u, grads[u], dicts[u], s, selected[u])
+    return out
+
+
+def _block_vjps(hm, batch: PromptBatch, dicts, s: NodeScores, l: int, key: Key, rows: list[Node],
+                ups: list[Key], layer_keys: list[Key]) -> dict[Key, list[Tensor] | None]:
+    """Steps 2-4 through block l: u -> [n,B,P,D] ∂(row k's seed · its site)/∂δ_u, one per part
+    of ``_seeds`` (feature rows, error rows)."""
     ref = s.clean[ups[0]][0]
-    deltas: dict[Key, Tensor] = {}
-    down_keys = {k for k, _, _ in rows}
+    B, P = batch.input_ids.shape
+    deltas = {u: torch.zeros(B, P, s.clean[u][1].shape[-1], dtype=ref.dtype, device=ref.device,
+                             requires_grad=True) for u in ups}
     captured: dict[Key, tuple[Tensor, Tensor]] = {}
 
-    def freeze(key: Key, x_in: Tensor, x_out: Tensor) -> Tensor:
-        if key in down_keys:
-            captured[key] = (x_in, x_out)
+    def freeze(k: Key, x_in: Tensor, x_out: Tensor) -> Tensor:
+        if k == key:
+            captured[k] = (x_in, x_out)
             raise _Captured
         y = x_out.detach()
-        return y + deltas[key].to(y.dtype) if key in deltas else y
+        return y + deltas[k].to(y.dtype) if k in deltas else y
 
-    layer_keys = [k for k in (("resid", l), ("attn", l), ("transcoder", l)) if k in dicts]
-    nxt = ("resid", l + 1)
-    if down_keys == {nxt} and len(layer_keys) == 3 and l + 1 in s.resid:
-        # every site of block l is frozen, so resid_pre[l+1] = its clean value + Σ_u δ_u: no pass,
-        # and ∂/∂δ_u is the same for every u — the VJPs of the downstream encoder, one per row
-        gx = _resid_vjps(dicts[nxt], s, nxt, rows, s.resid[l + 1].to(ref.dtype))
-        grads = [gx] * len(ups)
-    else:
-        deltas.update({u: torch.zeros(K * B, P, s.clean[u][1].shape[-1], dtype=ref.dtype, device=ref.device,
-                                      requires_grad=True) for u in ups})
-        grads = _block_vjps(hm, repeat_batch(batch, K), dicts, s, l, rows, ups, layer_keys, deltas, freeze, captured)
-
-    onehot = s.groups.onehot(ref.dtype)  # [B,P,G]
-    result: list[Edge] = []
-    for u, gd in zip(ups, grads):
-        if gd is None:
-            continue
-        gd = gd.reshape(K, B, P, -1).to(ref.dtype)
-        a_u, e_u = s.clean[u]
-        feats = [(g, f) for g, f in selected[u] if f >= 0]
-        errs = [g for g, f in selected[u] if f < 0]
-        if feats:
-            G = torch.tensor([g for g, _ in feats], device=ref.device)
-            Fs = torch.tensor([f for _, f in feats], device=ref.device)
-            W = dicts[u].W_dec[Fs].to(ref.dtype)  # [S,D]
-            diff = (a_u - s.groups.expand(s.base.a[u]))[..., Fs]  # [B,P,S]
-            val = torch.einsum("kbps,bpg->kgs", (gd @ W.T) * diff, onehot)  # [K,G,S]
-            w = val[:, G, torch.arange(len(feats), device=ref.device)]  # [K,S]
-            result += _collect(rows, [(u, g, f) for g, f in feats], w)
-        if errs:
-            G = torch.tensor(errs, device=ref.device)
-            diff = e_u - s.groups.expand(s.base.e[u])  # [B,P,D]
-            val = torch.einsum("kbp,bpg->kg", (gd * diff).sum(-1), onehot)  # [K,G]
-            result += _collect(rows, [(u, g, -1) for g in errs], val[:, G])
-    return result
-
-
-def _collect(rows: list[Node], srcs: list[Node], w: Tensor) -> list[Edge]:
-    """Edges from ``srcs`` (one site) to the chunk's rows that it feeds directly; exact zeros
-    (no path) are dropped."""
-    w = w.detach().cpu().tolist()
-    return [Edge(src, dst, wk[i]) for dst, wk in zip(rows, w) if srcs[0][0] in upstream(dst[0])
-            for i, src in enumerate(srcs) if wk[i] != 0.0]
-
-
-def _block_vjps(hm, rb, dicts, s: NodeScores, l: int, rows: list[Node], ups: list[Key], layer_keys, deltas,
-                freeze, captured) -> list:
-    """Steps 2-3 through block l: one tiled pass, one backward of Σ_k (seed_k · node_k)."""
-    K, B, P = len(rows), len(rb) // len(rows), rb.input_ids.shape[1]
-    ref = s.clean[ups[0]][0]
-    down_keys = {k for k, _, _ in rows}
     nxt = ("resid", l + 1)
     try:
-        run = hm.run(rb.input_ids, rb.attention_mask, edit=splice_edits(layer_keys, freeze),
-                     read=[Site("resid_post", l)] if nxt in down_keys else [], start_at=l,
-                     start_resid=s.resid[l].repeat(K, 1, 1), stop_after=l, grad=True)
+        run = hm.run(batch.input_ids, batch.attention_mask, edit=splice_edits(layer_keys, freeze),
+                     read=[Site("resid_post", l)] if key == nxt else [], start_at=l, start_resid=s.resid[l],
+                     stop_after=l, grad=True)
     except _Captured:
         run = None
-    if nxt in down_keys:
+    if key == nxt:
         x = run.acts[Site("resid_post", l)]
-        captured[nxt] = (x, x)
+        captured[key] = (x, x)
+    x_in, x_out = captured[key]
+    inputs = [deltas[u] for u in ups]
+    per_part = [_vjp(outs, seeds, inputs) for outs, seeds in _seeds(dicts[key], s, key, rows, x_in, x_out)]
+    return {u: None if any(p[i] is None for p in per_part) else [p[i] for p in per_part]
+            for i, u in enumerate(ups)}
 
+
+def _seeds(d, s: NodeScores, key: Key, rows: list[Node], x_in: Tensor, x_out: Tensor, rank1: bool = False) -> list:
+    """Step 3: [(outputs, seeds)] for the feature rows, then the error rows of ``rows``; each seed
+    [n,B,P,D] in its output's dtype (feature rows: ``Rank1`` where closed form and ``rank1``);
+    when x_in is x_out the two seeds of an error row are to be added."""
     gidx = s.groups.index  # [B,P]
-    objective = ref.new_zeros(())
-    for key in down_keys:
-        d = dicts[key]
-        x_in, x_out = (t.reshape(K, B, P, -1) for t in captured[key])
-        ga, ge = s.grads[key]
-        feat = [(j, g, f) for j, (k, g, f) in enumerate(rows) if k == key and f >= 0]
-        err = [(j, g) for j, (k, g, f) in enumerate(rows) if k == key and f < 0]
-        if feat:
-            J = torch.tensor([j for j, _, _ in feat], device=ref.device)
-            G = torch.tensor([g for _, g, _ in feat], device=ref.device)
-            Fs = torch.tensor([f for _, _, f in feat], device=ref.device)
-            cols, where = torch.unique(Fs, return_inverse=True)
-            a = encode_cols(d, x_in[J], cols)  # [n,B,P,U]
-            a = a.gather(-1, where[:, None, None, None].expand(-1, B, P, 1)).squeeze(-1)  # [n,B,P]
-            w = ga[..., Fs].permute(2, 0, 1) * (gidx[None] == G[:, None, None])  # [n,B,P]
-            objective = objective + (a * w).sum()
-        if err:
-            J = torch.tensor([j for j, _ in err], device=ref.device)
-            G = torch.tensor([g for _, g in err], device=ref.device)
-            xi, xo = x_in[J], x_out[J]
-            e = xo.to(ref.dtype) - d.decode(d.encode(xi))  # [n,B,P,D]
-            w = ge[None] * (gidx[None] == G[:, None, None])[..., None]
-            objective = objective + (e * w).sum()
-    return torch.autograd.grad(objective, [deltas[u] for u in ups], allow_unused=True)
-
-
-def _resid_vjps(d, s: NodeScores, key: Key, rows: list[Node], x0: Tensor) -> Tensor:
-    """[K,B,P,D]: for each row, w·∂(node)/∂x at x0 (resid_pre[l+1]), batched over rows."""
-    x = x0.detach().requires_grad_()
-    gidx = s.groups.index
     ga, ge = s.grads[key]
-    out = torch.zeros(len(rows), *x0.shape, dtype=x0.dtype, device=x0.device)
-    feat = [(j, g, f) for j, (_, g, f) in enumerate(rows) if f >= 0]
-    err = [(j, g) for j, (_, g, f) in enumerate(rows) if f < 0]
+    feat = [(g, f) for _, g, f in rows if f >= 0]
+    err = [g for _, g, f in rows if f < 0]
+    assert [f >= 0 for _, _, f in rows] == [True] * len(feat) + [False] * len(err), "features first"
+    parts = []
     if feat:
-        J = torch.tensor([j for j, _, _ in feat], device=x0.device)
-        G = torch.tensor([g for _, g, _ in feat], device=x0.device)
-        Fs = torch.tensor([f for _, _, f in feat], device=x0.device)
-        cols, where = torch.unique(Fs, return_inverse=True)
-        a = encode_cols(d, x, cols)  # [B,P,U]
-        seed = torch.zeros(len(feat), *a.shape, dtype=a.dtype, device=a.device)  # [n,B,P,U]
+        G = torch.tensor([g for g, _ in feat], device=gidx.device)
+        Fs = torch.tensor([f for _, f in feat], device=gidx.device)
         w = ga[..., Fs].permute(2, 0, 1) * (gidx[None] == G[:, None, None])  # [n,B,P]
-        seed[torch.arange(len(feat)), :, :, where] = w
-        out[J] = torch.autograd.grad(a, x, seed, retain_graph=bool(err), is_grads_batched=True)[0].to(out.dtype)
+        sd = feature_seeds(d, x_in.detach(), Fs, w)
+        if isinstance(sd, Rank1):
+            sd = Rank1(sd.c.to(x_in.dtype), sd.v.to(x_in.dtype)) if rank1 else sd.dense().to(x_in.dtype)
+        parts.append(([x_in], [sd]))
     if err:
-        J = torch.tensor([j for j, _ in err], device=x0.device)
-        G = torch.tensor([g for _, g in err], device=x0.device)
-        e = x.to(ge.dtype) - d.decode(d.encode(x))  # [B,P,D]
-        seed = ge[None] * (gidx[None] == G[:, None, None])[..., None]  # [m,B,P,D]
-        out[J] = torch.autograd.grad(e, x, seed, is_grads_batched=True)[0].to(out.dtype)
-    return out
+        G = torch.tensor(err, device=gidx.device)
+        g_out = ge[None] * (gidx[None] == G[:, None, None])[..., None]  # [m,B,P,D_out]
+        x = x_in.detach().requires_grad_()
+        r = d.decode(d.encode(x))
+        g_in = torch.autograd.grad(r, x, -g_out.to(r.dtype), is_grads_batched=True)[0]
+        parts.append(([x_in, x_out], [g_in.to(x_in.dtype), g_out.to(x_out.dtype)]))
+    return parts
+
+
+_CLOSED_FORM = (StandardSAE, JumpReLUSAE, GatedSAE, TopKSAE)
+
+
+def feature_seeds(d, x: Tensor, Fs: Tensor, w: Tensor) -> Rank1 | Tensor:
+    """w[k]·∂a_{Fs[k]}/∂x at x [B,P,D_in], w [n,B,P] (step 3), in d's dtype: ``Rank1`` for the
+    dictionary classes of step 3, else [n,B,P,D_in] by autograd."""
+    cols, where = torch.unique(Fs, return_inverse=True)
+    if type(d) in _CLOSED_FORM:
+        with torch.no_grad():
+            on = (encode_cols(d, x, cols) > 0)[..., where].permute(2, 0, 1)  # [n,B,P]
+            W = d.W_enc[:, cols] * torch.exp(d.r_mag[cols]) if isinstance(d, GatedSAE) else d.W_enc[:, cols]
+            return Rank1(w.to(W.dtype) * on, W.T[where])
+    xg = x.requires_grad_()
+    a = encode_cols(d, xg, cols)  # [B,P,U]
+    seed = torch.zeros(len(Fs), *a.shape, dtype=a.dtype, device=a.device)  # [n,B,P,U]
+    seed[torch.arange(len(Fs)), :, :, where] = w.to(a.dtype)
+    return torch.autograd.grad(a, xg, seed, is_grads_batched=True)[0]
+
+
+_CPU_SEED_BYTES = 5 << 19
+"""On a CPU the seeds of one batched backward are limited to about this many bytes per output
+(8 toy-icl seeds): the backward is memory-bound there and runs fastest while its tensors stay in
+cache (measured: 8 seeds 1.5 s, 120 seeds at once 2.8 s, one backward per seed 1.6 s, for 120
+attn nodes; benchmarks/circuit_edges.py). Elsewhere all seeds go at once."""
+
+
+def _vjp(outs: list[Tensor], seeds: list[Tensor], inputs: list[Tensor]) -> list[Tensor | None]:
+    """Step 4: per input [n,...] Σ_o seeds[o][k]·∂outs[o]/∂input for each of the n seeds."""
+    if len(outs) == 2 and outs[0] is outs[1]:
+        outs, seeds = outs[:1], [seeds[0] + seeds[1]]
+    n = len(seeds[0])
+    step = n
+    if outs[0].device.type == "cpu":
+        step = max(1, _CPU_SEED_BYTES // max(o[0].numel() * o.element_size() for o in seeds))
+    res = []
+    for lo in range(0, n, step):
+        part = [g[lo:lo + step] for g in seeds]
+        try:
+            res.append(torch.autograd.grad(outs, inputs, part, retain_graph=True, allow_unused=True,
+                                           is_grads_batched=True))
+        except RuntimeError:  # a batching rule is missing: one backward per seed
+            per = [torch.autograd.grad(outs, inputs, [g[k] for g in part], retain_graph=True, allow_unused=True)
+                   for k in range(len(part[0]))]
+            res.append([None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(inputs))])
+    return [None if res[0][i] is None else torch.cat([r[i] for r in res]) for i in range(len(inputs))]
+
+
+def _weights(rows: list[Node], u: Key, parts: list, d, s: NodeScores, sel: Sequence[tuple[int, int]]) -> list[Edge]:
+    """Step 5: edges from the selected nodes of site u into ``rows``; parts: ∂/∂δ_u of the rows in
+    order, each [n,B,P,D] or ``Rank1``; exact zeros (no path) are dropped."""
+    a_u, e_u = s.clean[u]
+    dt, D = a_u.dtype, e_u.shape[-1]
+    gidx = s.groups.index.reshape(-1)  # [BP]
+    srcs: list[Node] = []
+    targets = []  # (tokens T of the group, diff [T,S] = (a_u − a′_u) there, W_dec rows [S,D])
+    by_group: dict[int, list[int]] = {}
+    for g, f in sel:
+        if f >= 0:
+            by_group.setdefault(g, []).append(f)
+    a = a_u.reshape(-1, a_u.shape[-1])
+    for g, fs in by_group.items():
+        T = (gidx == g).nonzero().squeeze(1)
+        Fs = torch.tensor(fs, device=a.device)
+        targets.append((T, a[T[:, None], Fs] - s.base.a[u][g, Fs], d.W_dec[Fs].to(dt)))
+        srcs += [(u, g, f) for f in fs]
+    errs = [g for g, f in sel if f < 0]
+    if errs:
+        diff_e = (e_u - s.groups.expand(s.base.e[u])).reshape(-1, D)  # [BP,D]
+        onehot = s.groups.onehot(dt).reshape(-1, s.groups.n)[:, errs]  # [BP,m]
+        srcs += [(u, g, -1) for g in errs]
+    if not srcs:
+        return []
+    ws = []
+    for p in parts:
+        cols = []
+        if isinstance(p, Rank1):  # Σ_t c[k,t]·diff[t,s] times v_k·W[s]
+            c, v = p.c.to(dt).reshape(len(p.c), -1), p.v.to(dt)  # [n,BP], [n,D]
+            cols += [(c[:, T] @ diff) * (v @ W.T) for T, diff, W in targets]
+            if errs:
+                cols.append((c * (diff_e @ v.T).T) @ onehot)
+        else:
+            gd = p.to(dt).reshape(len(p), -1, D)  # [n,BP,D]
+            cols += [((gd[:, T] @ W.T) * diff).sum(1) for T, diff, W in targets]
+            if errs:
+                cols.append((gd * diff_e).sum(-1) @ onehot)
+        ws.append(torch.cat(cols, 1))
+    w = torch.cat(ws).detach().cpu().tolist()
+    return [Edge(src, dst, wk[i]) for dst, wk in zip(rows, w) for i, src in enumerate(srcs) if wk[i] != 0.0]
