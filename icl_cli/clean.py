@@ -98,7 +98,7 @@ def clean_step(hm: HookedModel, sae, cache: BaseCache, layer: int, theta: Tensor
     out = hm.run(b.input_ids, b.attention_mask, read=[last], edit={Site("resid_pre", layer): add_at(sae.decode(a), mask)},
                  stop_after=last.layer, start_at=layer, start_resid=cache.resid[layer], grad=True)
     # logits only where answers are predicted (the model's final norm, unembedding and soft-cap
-    # at those positions): unembedding every position was a third of a step at the paper's sizes
+    # at those positions): unembedding every position was close to half a step at Gemma-1 2B's sizes
     logits = answer_logits(hm, out.acts[last], b.answer_pos)  # [B, n_first, V]
     at = torch.arange(b.answer_pos.shape[1], device=b.answer_pos.device).expand_as(b.answer_pos)
     return nll(logits, replace(b, answer_pos=torch.where(b.answer_pos >= 0, at, b.answer_pos))) + l1 * a.abs().sum()
