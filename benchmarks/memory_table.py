@@ -218,7 +218,8 @@ SCALED = {
                   dict(n_layers=2, d_model=128, d_mlp=512, vocab=4096, d_sae=16384, arch="gated", batch_tokens=2048,
                        ctx=128, buffer_batches=4)],  # the training step is the peak
     "circuit": [dict(n_layers=3, d_model=128, d_mlp=512, vocab=8192, d_sae=1024, n_prompts=4, n_shot=12),
-                dict(n_layers=3, d_model=256, d_mlp=1024, vocab=32768, d_sae=2048, n_prompts=4, n_shot=16)],
+                dict(n_layers=3, d_model=256, d_mlp=1024, vocab=32768, d_sae=2048, n_prompts=4, n_shot=16),
+                dict(n_layers=4, d_model=256, d_mlp=1024, vocab=32768, d_sae=2048, n_prompts=4, n_shot=16)],
 }
 
 

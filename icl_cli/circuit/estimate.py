@@ -9,8 +9,10 @@
             block the tensors autograd keeps (c_D·D + c_M·d_mlp + c_A·heads·P elements of the
             model's dtype), the logits, and per site a, e and their gradients (float32).
    ig       the same from the first circuit layer on, for min(steps, rows/B)·B rows, one site.
-   edges    one block for K·B rows (K = rows/B downstream nodes per pass): block activations,
-            a zero leaf per upstream site, the downstream features of the chunk.
+   edges    block l once for the B prompt rows (its graph), and for each of the K = rows/B
+            downstream nodes of a chunk (one batched backward over their seeds, edges.py): the
+            seed (d_model), the gradients at up to three upstream sites (3·d_model, float32)
+            and the backward's temporaries (d_mlp + 2·heads·P).
    sweep    forward passes without gradients (every site encoded once at a time).
 4. Time: FLOPs of every pass (2·params·tokens forward, twice that backward; attention
    4·P·D per token and block; 2·(d_in + d_out)·d_sae per token and site), divided by the
@@ -110,7 +112,11 @@ def estimate(s: Shapes, B: int, P: int, method: str = "atp", ig_steps: int = 10,
         after = s.n_layers - s.first_layer
         phases["ig"] = rows * P * (after * per_block + logits + 3 * (F_max + s.d_model) * f4 + encode_tmp)
     K = max(1, edge_rows // B)
-    phases["edges"] = K * B * P * (per_block + 3 * 2 * s.d_model * f4 + 3 * min(K, F_max) * f4 + 2 * s.d_model * bm)
+    # block l's graph once for the B rows; per downstream node of a chunk its seed and the
+    # gradients at up to three upstream sites, plus the MLP- and attention-sized temporaries of
+    # the batched backward
+    phases["edges"] = tokens * per_block + K * tokens * (3 * s.d_model * f4
+                                                         + (s.d_model + s.d_mlp + 2 * s.n_heads * P) * bm)
     phases["sweep"] = tokens * ((6 * s.d_model + 2 * s.d_mlp + s.n_heads * P) * bm + encode_tmp + 2 * s.vocab * f4)
 
     fwd_tok = 2 * s.n_params + 4 * P * s.d_model * s.n_layers  # per token, model alone
