@@ -163,8 +163,8 @@ def _chunk(hm: HookedModel, batch: PromptBatch, dicts, s: NodeScores, selected, 
 
 def _block_vjps(hm, batch: PromptBatch, dicts, s: NodeScores, l: int, key: Key, rows: list[Node],
                 ups: list[Key], layer_keys: list[Key]) -> dict[Key, list[Tensor] | None]:
-    """Steps 2-4 through block l: u -> [n,B,P,D] ∂(row k's seed · its site)/∂δ_u, one per part
-    of ``_seeds`` (feature rows, error rows)."""
+    """Steps 2-4 through block l: u -> ∂(row k's seed · its site)/∂δ_u for the rows in order, as
+    consecutive slices [n,B,P,D] (the seed chunks of ``_vjp``)."""
     ref = s.clean[ups[0]][0]
     B, P = batch.input_ids.shape
     deltas = {u: torch.zeros(B, P, s.clean[u][1].shape[-1], dtype=ref.dtype, device=ref.device,
@@ -191,7 +191,7 @@ def _block_vjps(hm, batch: PromptBatch, dicts, s: NodeScores, l: int, key: Key, 
     x_in, x_out = captured[key]
     inputs = [deltas[u] for u in ups]
     per_part = [_vjp(outs, seeds, inputs) for outs, seeds in _seeds(dicts[key], s, key, rows, x_in, x_out)]
-    return {u: None if any(p[i] is None for p in per_part) else [p[i] for p in per_part]
+    return {u: None if any(p[i] is None for p in per_part) else [g for p in per_part for g in p[i]]
             for i, u in enumerate(ups)}
 
 
@@ -249,8 +249,9 @@ cache (measured: 8 seeds 1.5 s, 120 seeds at once 2.8 s, one backward per seed 1
 attn nodes; benchmarks/circuit_edges.py). Elsewhere all seeds go at once."""
 
 
-def _vjp(outs: list[Tensor], seeds: list[Tensor], inputs: list[Tensor]) -> list[Tensor | None]:
-    """Step 4: per input [n,...] Σ_o seeds[o][k]·∂outs[o]/∂input for each of the n seeds."""
+def _vjp(outs: list[Tensor], seeds: list[Tensor], inputs: list[Tensor]) -> list[list[Tensor] | None]:
+    """Step 4: per input Σ_o seeds[o][k]·∂outs[o]/∂input for each of the n seeds, as consecutive
+    slices [n_i,...] (not concatenated: step 5 reads each while it is in cache)."""
     if len(outs) == 2 and outs[0] is outs[1]:
         outs, seeds = outs[:1], [seeds[0] + seeds[1]]
     n = len(seeds[0])
@@ -267,7 +268,7 @@ def _vjp(outs: list[Tensor], seeds: list[Tensor], inputs: list[Tensor]) -> list[
             per = [torch.autograd.grad(outs, inputs, [g[k] for g in part], retain_graph=True, allow_unused=True)
                    for k in range(len(part[0]))]
             res.append([None if per[0][i] is None else torch.stack([p[i] for p in per]) for i in range(len(inputs))])
-    return [None if res[0][i] is None else torch.cat([r[i] for r in res]) for i in range(len(inputs))]
+    return [None if res[0][i] is None else [r[i] for r in res] for i in range(len(inputs))]
 
 
 def _weights(rows: list[Node], u: Key, parts: list, d, s: NodeScores, sel: Sequence[tuple[int, int]]) -> list[Edge]:
