@@ -9,14 +9,15 @@ For one task, ``icl_cli.collect.collect_task`` (all layers, no SAEs) does two ki
             n_prompts few-shot prompts; the 0-shot base cache (resid_pre at every layer); the
             0-shot and few-shot held-out scores (full passes)
     sweep   per layer, the 0-shot prompts steered by TV[l] (added, then written) from resid_pre[l]
-            on: 2·L partial passes
+            on: 2·L partial passes, each unembedding only the answer positions
 
 The reference is ``model(input_ids, attention_mask)`` under no_grad over the same batches (the
 few-shot batch, the 0-shot batch, the few-shot held-out batch), once each. Tokens/s count real
 (unpadded) prompt tokens, the same number on both sides. All four timings (whole collect_task,
 its reads, its sweep, the plain forward) are interleaved in one run; ratios are of medians.
-The sweep costs 2·Σ_l ((n − l)·block + unembedding) / (n·block + unembedding) plain passes of the 0-shot
-batch (FLOPs per token: block = 2·its parameters + attention, unembedding 2·D·V).
+The sweep costs 2·Σ_l ((n − l)·block + (J/P)·unembedding) / (n·block + unembedding) plain passes of the
+0-shot batch (FLOPs per token: block = 2·its parameters + attention, unembedding 2·D·V; J answer
+positions of P are unembedded). The held-out scores (``plain_scores``) unembed only answer positions too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from icl_cli.collect_io import CollectParams
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel
-from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_logits
+from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_answers
 from icl_cli.core.tasks import builtin_tasks
 
 
@@ -101,7 +102,7 @@ def main() -> None:
     def sweep():  # collect_task's layer sweep
         for mode in ("add", "replace"):
             for j, l in enumerate(layers):
-                scores(steered_logits(hm, cache, l, tv[j], mode), cache.batch)
+                scores(*steered_answers(hm, cache, l, tv[j], mode))
 
     @torch.no_grad()
     def plain():
@@ -131,14 +132,15 @@ def main() -> None:
         print(f"{k:>14}: {med[k] * 1e3:9.1f} ms  {tokens / med[k]:9.0f} tokens/s")
     print(f"{'sweep':>14}: {med['sweep'] * 1e3:9.1f} ms  ({2 * hm.n_layers} steered passes of the 0-shot batch)")
     print(f"collect_task / plain forward: {med['collect_task'] / med['plain forward']:.2f}× the time")
-    print(f"reads / plain forward:        {med['reads'] / med['plain forward']:.2f}× the time (ideal about "
-          f"{1 + med['plain 0-shot'] / med['plain forward']:.2f}: the same passes plus the 0-shot base cache)")
+    print(f"reads / plain forward:        {med['reads'] / med['plain forward']:.2f}× the time (the same passes, "
+          f"unembedding only answer positions, plus the 0-shot base cache of {med['plain 0-shot'] / med['plain forward']:.2f})")
     n, P, cfg = hm.n_layers, batches[1].input_ids.shape[1], model.config
     block = 2 * sum(x.numel() for x in hm._loc.blocks[0].block.parameters()) + 4 * P * cfg.hidden_size
     unemb = 2 * cfg.hidden_size * cfg.vocab_size
-    want = 2 * sum((n - l) * block + unemb for l in layers) / (n * block + unemb)
+    J = batches[1].answer_pos.shape[1]
+    want = 2 * sum((n - l) * block + J / P * unemb for l in layers) / (n * block + unemb)
     print(f"sweep / plain 0-shot pass:    {med['sweep'] / med['plain 0-shot']:.1f} passes (ideal from FLOPs "
-          f"2·Σ_l((n−l)·block + unembedding)/(n·block + unembedding) = {want:.1f}; blocks alone {n + 1})")
+          f"2·Σ_l((n−l)·block + (J/P)·unembedding)/(n·block + unembedding) = {want:.1f}; blocks alone {n + 1})")
 
 
 if __name__ == "__main__":

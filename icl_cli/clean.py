@@ -22,7 +22,6 @@ dummy example "X -> Y" prepended to the 0-shot prompt (METHODS §6).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from icl_cli.collect import task_split
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.prompts import DUMMY_PAIR, Prompt, sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at
-from icl_cli.core.steering import BaseCache, scores, steered_logits
+from icl_cli.core.steering import BaseCache, run_answers, scores, steered_answers
 from icl_cli.core.metrics import nll
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
@@ -90,18 +89,12 @@ def clean_step(hm: HookedModel, sae, cache: BaseCache, layer: int, theta: Tensor
                act: Callable[[Tensor], Tensor]) -> Tensor:
     """Step 4's loss (0-d, differentiable in θ [d_sae]): nll of the training prompts steered by
     decode(a(θ)) at ``mask`` of resid_pre[layer], + l1·‖a(θ)‖₁; blocks < layer are not run."""
-    from icl_cli.steer import answer_logits  # steer imports this module
-
     a = act(theta)
-    b = cache.batch
-    last = Site("resid_post", hm.n_layers - 1)
-    out = hm.run(b.input_ids, b.attention_mask, read=[last], edit={Site("resid_pre", layer): add_at(sae.decode(a), mask)},
-                 stop_after=last.layer, start_at=layer, start_resid=cache.resid[layer], grad=True)
     # logits only where answers are predicted (the model's final norm, unembedding and soft-cap
     # at those positions): unembedding every position was close to half a step at Gemma-1 2B's sizes
-    logits = answer_logits(hm, out.acts[last], b.answer_pos)  # [B, n_first, V]
-    at = torch.arange(b.answer_pos.shape[1], device=b.answer_pos.device).expand_as(b.answer_pos)
-    return nll(logits, replace(b, answer_pos=torch.where(b.answer_pos >= 0, at, b.answer_pos))) + l1 * a.abs().sum()
+    logits, small = run_answers(hm, cache.batch, {Site("resid_pre", layer): add_at(sae.decode(a), mask)}, layer,
+                                cache.resid[layer], grad=True)  # [B, n_first, V]
+    return nll(logits, small) + l1 * a.abs().sum()
 
 
 def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, p: CleanParams, l1: float,
@@ -158,7 +151,7 @@ def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, l
     """
     def val_nll(vec: Tensor) -> float:
         with torch.no_grad():
-            return scores(steered_logits(hm, cache_val, layer, vec, mask=mask_val), cache_val.batch).nll
+            return scores(*steered_answers(hm, cache_val, layer, vec, mask=mask_val)).nll
 
     base = val_nll(v)
     limit = base * (1 + p.l1_tolerance) + p.l1_slack
@@ -215,7 +208,7 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
         l0 = {"recon": int((recon_acts > 0).sum()), "cleaned": cleaned.l0}
         for k in p.ito_k:
             vectors[f"ito_{k}"], l0[f"ito_{k}"] = pursuit_vector(v.to(sae.W_dec.device), sae, k)
-        held = {m: scores(steered_logits(hm, cache_ho, layer, vec, mask=mask_ho), cache_ho.batch)
+        held = {m: scores(*steered_answers(hm, cache_ho, layer, vec, mask=mask_ho))
                 for m, vec in vectors.items()}
     kept = torch.nonzero(cleaned.acts > 0).flatten()
     order = kept[torch.argsort(cleaned.acts[kept], descending=True)]
@@ -227,7 +220,7 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
         for lam in p.sweep_l1:
             c = clean_vector(hm, sae, cache_tr, layer, v, p, lam, mask_tr)
             with torch.no_grad():
-                s = scores(steered_logits(hm, cache_ho, layer, c.vector, mask=mask_ho), cache_ho.batch)
+                s = scores(*steered_answers(hm, cache_ho, layer, c.vector, mask=mask_ho))
             result.sweep["l0"].append(c.l0)
             result.sweep["nll"].append(s.nll)
     return result

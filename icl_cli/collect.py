@@ -32,7 +32,7 @@ from icl_cli.core.batch import encode_prompts
 from icl_cli.core.layers import parse_layers
 from icl_cli.core.prompts import ROLES, sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site
-from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_logits
+from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_answers
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
 from icl_cli.collect_io import (FORMAT_VERSION, SWEEP_METRICS, CollectParams, mass_percent,  # noqa: F401 (re-exported)
@@ -108,7 +108,7 @@ def collect_task(hm: HookedModel, tokenizer, task: Task, layers: Sequence[int], 
         rows = []
         with torch.no_grad():
             for j, l in enumerate(layers):
-                rows.append(scores(steered_logits(hm, cache, l, tv[j], mode), cache.batch))
+                rows.append(scores(*steered_answers(hm, cache, l, tv[j], mode)))
         sweep[f"{prefix}_nll"] = [r.nll for r in rows]
         sweep[f"{prefix}_acc"] = [r.acc for r in rows]
     best = layers[min(range(len(layers)), key=lambda j: sweep["tv_nll"][j])]

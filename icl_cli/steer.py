@@ -39,7 +39,7 @@ Reading and writing it: :mod:`icl_cli.steer_io` (re-exported here: ``read_h5``, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -52,7 +52,7 @@ from icl_cli.core.batch import PromptBatch
 from icl_cli.core.metrics import correct, nll_per_prompt
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at
-from icl_cli.core.steering import BaseCache, scores, steered_logits
+from icl_cli.core.steering import BaseCache, answer_logits, run_answers, scores, steered_answers  # noqa: F401 (answer_logits re-exported)
 from icl_cli.core.tasks import Task
 from icl_cli.errors import IclError
 from icl_cli.steer_io import (Cells, SteerResult, load_cells, merge_rows, read_h5, save_cells,  # noqa: F401 (re-exported)
@@ -149,31 +149,10 @@ def batched_scores(hm: HookedModel, cache: BaseCache, layer: int, vectors: Tenso
         big = repeat_batch(cache.batch, c)
         rows = v.repeat_interleave(B, dim=0)  # [c·B, D]: row k·B + b gets edit k
         edit = {Site("resid_pre", layer): add_at(rows, mask.repeat(c, 1))}
-        last = Site("resid_post", hm.n_layers - 1)
-        out = hm.run(big.input_ids, big.attention_mask, read=[last], edit=edit, stop_after=last.layer, start_at=layer,
-                     start_resid=cache.resid[layer].repeat(c, 1, 1))
-        # logits only where answers are predicted: the unembedding of every position dominates
-        # the cost of a pass on small models and its memory on large vocabularies
-        logits = answer_logits(hm, out.acts[last], big.answer_pos)  # [c·B, n_first, V]
-        at = torch.arange(big.answer_pos.shape[1], device=big.answer_pos.device).expand_as(big.answer_pos)
-        small = replace(big, answer_pos=torch.where(big.answer_pos >= 0, at, big.answer_pos))
+        logits, small = run_answers(hm, big, edit, layer, cache.resid[layer].repeat(c, 1, 1))  # [c·B, n_first, V]
         nlls.append(nll_per_prompt(logits, small).view(c, B).mean(1).float().cpu())
         accs.append(correct(logits, small).float().view(c, B).mean(1).cpu())
     return torch.cat(nlls), torch.cat(accs)
-
-
-def answer_logits(hm: HookedModel, resid: Tensor, pos: Tensor) -> Tensor:
-    """[R, J, V] logits at positions ``pos`` [R, J] (entries < 0 read position 0) from the last
-    block's output ``resid`` [R, P, D]: the model's final norm, unembedding and (Gemma-2) final
-    soft-capping, applied to those positions only. Both are per-position maps, so this equals the
-    full logits at those positions."""
-    rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
-    h = resid[rows, pos.clamp(min=0).to(resid.device)]
-    logits = hm.model.get_output_embeddings()(hm._loc.final_norm(h))
-    cap = getattr(hm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 # ---------------------------------------------------------------- one task
@@ -197,7 +176,7 @@ def heatmap_task(hm: HookedModel, tokenizer, task: Task, layer: int, directions:
     """One task's row of the executor (or detector) heatmap: nll/acc per feature direction [F, D]."""
     detectors = p.mode == "detector"
     cache = BaseCache.build(hm, tokenizer, heatmap_prompts(task, p.n_prompts, src, detectors), [layer], src.n_first, device)
-    base = scores(steered_logits(hm, cache, layer, None), cache.batch)
+    base = scores(*steered_answers(hm, cache, layer, None))
     nll, acc = batched_scores(hm, cache, layer, p.scale * directions, steer_mask(cache.batch, detectors), p.batch_size)
     return Cells(nll, acc, base.nll, base.acc)
 
@@ -207,7 +186,7 @@ def negative_task(hm: HookedModel, tokenizer, task: Task, layer: int, direction:
                   src: PromptSource, device=None) -> Cells:
     """nll/acc per scale with −s·direction ([D], unit; None: nothing subtracted) at every arrow."""
     cache = BaseCache.build(hm, tokenizer, negative_prompts(task, p.n_prompts, src), [layer], src.n_first, device)
-    base = scores(steered_logits(hm, cache, layer, None), cache.batch)
+    base = scores(*steered_answers(hm, cache, layer, None))
     if direction is None:
         S = len(p.scales)
         return Cells(torch.full((S,), base.nll), torch.full((S,), base.acc), base.nll, base.acc)
