@@ -20,8 +20,9 @@ clean (one task; SPEC §5, icl_cli/clean.py):
               logits, their float32 copy (u bytes) and log-softmax, with the gradients of
               each: 2·B_tr·J·V·(m + f + u); the block outputs and their
               gradients 2·B_tr·P·D·m; θ and Adam 4·F·f
-    score     a held-out pass without autograd: full logits B_ho·P·V·m, one block's temporaries
-              B_ho·P·T(P)·m, the rows read for the metrics B_ho·J·V·(m + f + u)
+    score     a held-out pass without autograd that unembeds only the answer positions: the last
+              block's output B_ho·P·D·m, one block's temporaries B_ho·P·T(P)·m, the answer rows
+              read for the metrics B_ho·J·V·(m + f + u)
     working   caches + max(step, score)
 
 train-sae (SPEC §9, icl_cli/train_sae/trainer.py, data.py, evaluate.py):
@@ -35,10 +36,10 @@ train-sae (SPEC §9, icl_cli/train_sae/trainer.py, data.py, evaluate.py):
     step      per dictionary batch_tokens·(C_F[arch]·F + 8·(d_in + d_out))·f: pre-activations,
               activations, masks and their gradients (C_F an upper bound per architecture:
               measured on the CPU, a gated step kept 7 and a top-k step 4 per token and feature)
-    eval      R·ctx tokens: the clean pass's logits, kept while each spliced pass computes its
-              own, its float32 copy and cross-entropy (on a transposed view, so one more
-              float32 copy), R·ctx·V·(2m + 2f + u), and the encoding
-              R·ctx·(3·F + 2·d_out)·f
+    eval      R·ctx tokens: the last block's output R·ctx·D·m, one block's temporaries, the
+              encoding R·ctx·(3·F + 2·d_out)·f, and the cross-entropy of c = min(R·ctx, 512)
+              scored positions at a time (evaluate.CE_CHUNK): their logits, float32 copy and
+              log-softmax c·V·(m + u + f)
     working   dictionaries + max(2·buffer + forward, buffer + step, buffer + eval)
 
 The coefficients were checked against measured peaks on scaled-down random Gemma models, in
@@ -51,6 +52,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 GIB = 1 << 30
+CE_CHUNK = 512
+"""Scored positions train-sae's evaluation unembeds at once (icl_cli/train_sae/evaluate.py)."""
 F4 = 4
 C_D, C_M, C_A = 10, 4, 3
 """Elements a block keeps for backward per token: ×d_model, ×d_mlp, ×heads·P (shared with the
@@ -145,7 +148,7 @@ def clean_memory(s: ModelShape, d_sae: int, layer: int, P: int, n_train: int = 2
     caches = (n_train + n_heldout + n_val) * P * D * m
     step = (n_train * P * (s.n_layers - layer) * s.saved_bytes(P) + 2 * n_train * J * V * s.rows_bytes
             + 2 * n_train * P * D * m + 4 * d_sae * F4)
-    score = n_heldout * P * (V * m + s.temporaries(P) * m) + n_heldout * J * V * s.rows_bytes
+    score = n_heldout * P * (D + s.temporaries(P)) * m + n_heldout * J * V * s.rows_bytes
     resident = s.n_params * m + sae_params(D, d_sae) * F4
     return Memory(resident, {"step": caches + step, "score": caches + score},
                   {"P": P, "n_train": n_train, "n_heldout": n_heldout, "layer": layer, "d_sae": d_sae})
@@ -165,7 +168,9 @@ def train_sae_memory(s: ModelShape, width: int, n_dicts: int = 1, transcoder: bo
     tok = R * ctx
     forward = tok * s.temporaries(ctx) * m + 3 * tok * n_dicts * 2 * D * m
     step = n_dicts * batch_tokens * (C_F.get(arch, max(C_F.values())) * F + 8 * 2 * D) * F4
-    evaluation = tok * V * (2 * m + 2 * F4 + s.upcast) + tok * (3 * F + 2 * D) * F4 + tok * s.temporaries(ctx) * m
+    ce_rows = min(tok, CE_CHUNK)
+    evaluation = (tok * D * m + ce_rows * V * s.rows_bytes + tok * (3 * F + 2 * D) * F4
+                  + tok * s.temporaries(ctx) * m)
     phases = {"buffer": dicts + 2 * buffer + forward, "step": dicts + buffer + step, "eval": dicts + buffer + evaluation}
     return Memory(s.n_params * m, phases, {"width": F, "n_dicts": n_dicts, "arch": arch, "batch_tokens": batch_tokens,
                                            "buffer_batches": buffer_batches, "ctx": ctx, "eval_rows": R})

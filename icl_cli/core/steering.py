@@ -64,7 +64,12 @@ def answer_logits(hm: HookedModel, resid: Tensor, pos: Tensor) -> Tensor:
     soft-capping, applied to those positions only. Both are per-position maps, so this equals the
     full logits at those positions."""
     rows = torch.arange(resid.shape[0], device=resid.device)[:, None]
-    h = resid[rows, pos.clamp(min=0).to(resid.device)]
+    return unembed(hm, resid[rows, pos.clamp(min=0).to(resid.device)])
+
+
+def unembed(hm: HookedModel, h: Tensor) -> Tensor:
+    """[..., V] logits of last-block outputs h [..., D]: the model's final norm, unembedding and
+    (Gemma-2) final soft-capping, which act on each position alone."""
     logits = hm.model.get_output_embeddings()(hm._loc.final_norm(h))
     cap = getattr(hm.model.config, "final_logit_softcapping", None)
     if cap:

@@ -18,15 +18,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from icl_cli.core.memory import CE_CHUNK  # positions unembedded at once for the cross-entropy (~1 GiB at 256k)
+from icl_cli.core.sites import Site
+from icl_cli.core.steering import unembed
 from icl_cli.train_sae.data import pad_batch, token_mask
 
 
-def _ce(logits: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
+def _ce(hm, resid: Tensor, ids: Tensor, mask: Tensor) -> tuple[float, int]:
     """Summed next-token cross-entropy over the targets in ``mask`` ([B, P], 1 = score the
-    prediction of this token), and their count."""
-    tgt_mask = mask[:, 1:].bool()
-    lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
-    return float(lp[tgt_mask].sum()), int(tgt_mask.sum())
+    prediction of this token), and their count, from the last block's output ``resid`` [B, P, D]:
+    only the predicting positions are unembedded, ``CE_CHUNK`` at a time."""
+    rows, pos = mask[:, 1:].bool().nonzero(as_tuple=True)  # position p predicts token p + 1
+    total = 0.0
+    for i in range(0, len(rows), CE_CHUNK):
+        r, p = rows[i : i + CE_CHUNK], pos[i : i + CE_CHUNK]
+        logits = unembed(hm, resid[r, p]).float()  # [c, V]
+        total += float(F.cross_entropy(logits, ids[r, p + 1], reduction="sum"))
+    return total, len(rows)
 
 
 @torch.no_grad()
@@ -47,6 +55,7 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
     sq = [0.0] * n
     ce = {"clean": 0.0, **{f"{k}{i}": 0.0 for i in range(n) for k in ("sae", "zero")}}
     n_tgt = 0
+    last = Site("resid_post", hm.n_layers - 1)
     for start in range(0, len(chunks), rows):
         ids, mask = pad_batch(chunks[start : start + rows], pad)
         ids, mask = ids.to(device), mask.to(device)
@@ -57,8 +66,8 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
                 scored[b, : len(t)] = torch.tensor(t, dtype=mask.dtype)
         keep = token_mask(mask, has_bos)
         sites = {s for pair in reads for s in pair if s is not None}
-        out = hm.run(ids, mask, read=sites)
-        c, cnt = _ce(out.logits, ids, scored)
+        out = hm.run(ids, mask, read=sites | {last}, stop_after=last.layer)
+        c, cnt = _ce(hm, out.acts[last], ids, scored)
         ce["clean"] += c
         n_tgt += cnt
         tokens += int(keep.sum())
@@ -73,8 +82,8 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
             sq[i] += float(t.pow(2).sum())
             for kind in ("sae", "zero"):
                 edit = _splice(d, s_in, s_out, keep, zero=kind == "zero")
-                logits = hm.run(ids, mask, edit=edit).logits
-                ce[f"{kind}{i}"] += _ce(logits, ids, scored)[0]
+                spliced = hm.run(ids, mask, read=[last], edit=edit, stop_after=last.layer).acts[last]
+                ce[f"{kind}{i}"] += _ce(hm, spliced, ids, scored)[0]
     results = []
     for i in range(n):
         var = sq[i] - float(sums[i].pow(2).sum()) / max(tokens, 1)

@@ -86,8 +86,11 @@ def mlp_io(model, ids):
     return got["x"][0], got["t"][0]
 
 
-@pytest.mark.parametrize("kind", ["resid", "transcoder"])
-def test_fvu_and_ce_recovered_by_hand(tiny_lm, kind):
+@pytest.mark.parametrize("kind,ce_chunk", [("resid", 512), ("transcoder", 512), ("resid", 3)])
+def test_fvu_and_ce_recovered_by_hand(tiny_lm, kind, ce_chunk, monkeypatch):
+    import icl_cli.train_sae.evaluate as ev
+
+    monkeypatch.setattr(ev, "CE_CHUNK", ce_chunk)  # 3: the scored positions are unembedded a few at a time
     tok, model = tiny_lm.tokenizer, tiny_lm.model
     d = random_dict("resid_pre" if kind == "resid" else "transcoder")
     chunks = chunks_of(tok, TEXTS)

@@ -27,9 +27,9 @@ def test_clean_estimate_by_hand():
             + 2 * 2 * 5 * 8 * 2  # block outputs and their gradients = 320
             + 4 * 32 * 4)  # θ, its gradient and Adam's moments in float32 = 512
     temp = 6 * 8 + 3 * 16 + 2 * 2 * 5  # = 116
-    # full logits + one block's temporaries, then the answer rows: bfloat16, float32 copy, log-softmax
-    score = 3 * 5 * (50 + temp) * 2 + 3 * 2 * 50 * (2 + 4 + 4)  # = 4980 + 3000
-    assert e.phases == {"step": caches + step, "score": caches + score} == {"step": 10472, "score": 8460}
+    # the last block's output + one block's temporaries, then the answer rows: bfloat16, float32 copy, log-softmax
+    score = 3 * 5 * (8 + temp) * 2 + 3 * 2 * 50 * (2 + 4 + 4)  # = 3720 + 3000
+    assert e.phases == {"step": caches + step, "score": caches + score} == {"step": 10472, "score": 7200}
     assert e.resident == 1000 * 2 + ((8 + 8) * 32 + 3 * 32 + 8) * 4 == 4464
     assert (e.peak, e.phase, e.total) == (10472, "step", 4464 + 10472)
 
@@ -44,12 +44,13 @@ def test_train_sae_estimate_by_hand():
     temp = 6 * 8 + 3 * 16 + 2 * 2 * 16  # one block without autograd at P = 16: 160 elements
     forward = 64 * temp * 2 + 3 * 64 * 2 * 16 * 2  # = 20480 + 12288
     step = 2 * 64 * (6 * 32 + 8 * 16) * 4  # top-k: 6 float32 per token and feature, 8 per d_in + d_out = 163840
-    # two logits in bfloat16, a float32 copy, a contiguous copy and the cross-entropy; the encoding; one block
-    evaluation = 64 * 50 * (2 * 2 + 4 + 4 + 4) + 64 * (3 * 32 + 16) * 4 + 64 * temp * 2  # 51200 + 28672 + 20480
+    # the last block's output; 64 (< 512) scored rows of logits in bfloat16, a float32 copy and the
+    # log-softmax; the encoding; one block
+    evaluation = 64 * 8 * 2 + 64 * 50 * (2 + 4 + 4) + 64 * (3 * 32 + 16) * 4 + 64 * temp * 2  # 1024 + 32000 + 28672 + 20480
     assert rows_tokens == 64
     assert e.phases == {"buffer": dicts + 2 * buffer + forward, "step": dicts + buffer + step,
                         "eval": dicts + buffer + evaluation}
-    assert e.phases == {"buffer": 101632, "step": 208128, "eval": 144640}
+    assert e.phases == {"buffer": 101632, "step": 208128, "eval": 126464}
     assert e.resident == 2000 and e.phase == "step"
 
 
