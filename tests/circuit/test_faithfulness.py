@@ -22,8 +22,9 @@ def setup(tiny_lm):
     return hm, dicts, batch, s
 
 
-def m_keeping(hm, batch, dicts, keep: dict) -> float:
-    """m with every feature at a role token set to 0 except keep[key] [G,F] bool (written here)."""
+def m_keeping(hm, batch, dicts, keep: dict, fill: dict | None = None) -> float:
+    """m with every feature at a role token set to 0 (or to fill[key][group, feature]) except
+    keep[key] [G,F] bool (written here)."""
     idx = role_index(batch)
     box = {}
 
@@ -34,10 +35,13 @@ def m_keeping(hm, batch, dicts, keep: dict) -> float:
             a = d.encode(x_in)
             e = x_out - d.decode(a)
             kept = torch.zeros_like(a, dtype=torch.bool)
+            new = torch.zeros_like(a)
             for g in range(5):
                 kept |= (idx == g)[..., None] & keep[key][g]
+                if fill is not None:
+                    new = torch.where((idx == g)[..., None], fill[key][g].to(a.dtype), new)
             off = (idx < 0)[..., None]
-            return d.decode(torch.where(kept | off, a, torch.zeros_like(a))) + e
+            return d.decode(torch.where(kept | off, a, new)) + e
         return write
 
     edit = {}
@@ -130,3 +134,36 @@ def test_grid_and_threshold_by_hand():
     r = Ranking.of({("resid", 0): torch.tensor([[0.5, -2.0, 1.0]])})
     assert r.threshold(0) == float("inf")
     assert [r.threshold(n) for n in (1, 2, 3, 9)] == [2.0, 1.0, 0.5, 0.5]
+
+
+def test_mean_ablation_writes_each_groups_mean_activation(setup):
+    """With the mean baseline, an ablated node takes its group's mean activation (written here
+    as a hook), not 0; F's reference points follow."""
+    hm, dicts, batch, _ = setup
+    s = node_scores(hm, batch, dicts, "atp", "mean")
+    r = Ranking.of(s.ie)
+    n = 40
+    keep = {k: torch.zeros(5, 24, dtype=torch.bool) for k in dicts}
+    for i in range(n):
+        keep[r.keys[int(r.key_idx[i])]][int(r.group[i]), int(r.feature[i])] = True
+    got = ablated_metric(hm, batch, dicts, s.groups, s.base, r.mask(n, keep=True))
+    want = m_keeping(hm, batch, dicts, keep, fill=s.base.a)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert got != pytest.approx(m_keeping(hm, batch, dicts, keep), abs=1e-3)  # zero-filling differs
+
+
+def test_reference_refuses_a_metric_that_ablation_does_not_move(monkeypatch):
+    from types import SimpleNamespace
+
+    import icl_cli.circuit.faithfulness as fm
+    from icl_cli.errors import IclError
+
+    r = Ranking.of({("resid", 0): torch.tensor([[1.0, -0.5]])})
+    groups = SimpleNamespace(index=torch.zeros(1))
+    monkeypatch.setattr(fm, "ablated_metric", lambda *a: -2.0)  # m(full) = m(empty) = −2
+    with pytest.raises(IclError, match="faithfulness is undefined"):
+        fm.reference(None, None, None, groups, None, r)
+    vals = iter([-2.0, -3.0])
+    monkeypatch.setattr(fm, "ablated_metric", lambda *a: next(vals))
+    f = fm.reference(None, None, None, groups, None, r)
+    assert (f.m_full, f.m_empty) == (-2.0, -3.0) and f(-2.5) == pytest.approx(0.5)
