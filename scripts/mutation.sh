@@ -35,7 +35,7 @@ case "${PROFILE:-methods}" in
     MODULES="icl_cli/circuit/attribution.py icl_cli/circuit/splice.py icl_cli/circuit/faithfulness.py
              icl_cli/circuit/edges.py icl_cli/ablate.py icl_cli/ablate_mass.py icl_cli/ablate_link.py icl_cli/steer.py"
     TESTS="tests/circuit/test_attribution.py tests/circuit/test_splice.py tests/circuit/test_faithfulness.py
-           tests/circuit/test_edges.py tests/test_ablate.py tests/test_steer.py" ;;
+           tests/circuit/test_edges.py tests/test_ablate.py tests/test_steer.py tests/formulas/test_formula_ablate_steer.py" ;;
   *) echo "PROFILE must be methods or causal" >&2; exit 2 ;;
 esac
 {
