@@ -118,7 +118,7 @@ class CircuitRenderer(Renderer):
             colour = "#9ecae1" if g.ie[i] >= 0 else "#fcae91"
             shape = "diamond" if g.feature[i] < 0 else "box"
             feat = "error" if g.feature[i] < 0 else f"#{int(g.feature[i])}"
-            lines.append(f'n{k} [label="{feat} @ {g.role[i]}\\nIE {g.ie[i]:+.3f}", fillcolor="{colour}", shape={shape}];')
+            lines.append(f'n{k} [label="{feat} @ {g.role[i]}\\nIE {g.ie[i]:+.3g}", fillcolor="{colour}", shape={shape}];')
         for s_, d, w in zip(g.edge_src, g.edge_dst, g.edge_weight):
             if int(s_) in keep and int(d) in keep:
                 pen = 0.5 + 3 * abs(float(w)) / (wmax or 1.0)
