@@ -32,6 +32,8 @@ def _sae(d_in=5, d_sae=4, seed=0):
 @pytest.mark.parametrize("removal", ["project", "feature", "steer"])
 def test_detector_removal_by_hand(removal):
     sae, d, scale = _sae(), 2, 4.0
+    with torch.no_grad():
+        sae.b_enc[d] = 6.0  # the detector fires at every token, so removing it changes x
     x = torch.randn(2, 3, 5)
     mask = torch.tensor([[True, False, True], [False, True, False]])
     out = removal_edit(sae, d, mask, removal, scale)(x)
@@ -47,6 +49,7 @@ def test_detector_removal_by_hand(removal):
                 assert abs(float(out[b, p] @ u)) < 1e-5
             elif removal == "feature":  # the detector's activation times its (unnormalised) decoder row
                 a = max(0.0, float((v - sae.b_dec) @ sae.W_enc[:, d] + sae.b_enc[d]))
+                assert a > 0.5
                 want = v - a * w
             else:
                 want = v - scale * u
