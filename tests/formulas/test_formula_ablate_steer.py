@@ -34,6 +34,7 @@ def test_detector_removal_by_hand(removal):
     sae, d, scale = _sae(), 2, 4.0
     with torch.no_grad():
         sae.b_enc[d] = 6.0  # the detector fires at every token, so removing it changes x
+        sae.W_dec[d] *= 0.4 / sae.W_dec[d].norm()  # a row shorter than 1: normalising must divide by its norm
     x = torch.randn(2, 3, 5)
     mask = torch.tensor([[True, False, True], [False, True, False]])
     out = removal_edit(sae, d, mask, removal, scale)(x)
