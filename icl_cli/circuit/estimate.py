@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from icl_cli.core.memory import C_A, C_D, C_M, GIB  # noqa: F401 (re-exported)
+from icl_cli.core.memory import C_A, C_D, C_M, GIB, Phased  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Shapes:
 
 
 @dataclass
-class Estimate:
+class Estimate(Phased):
     resident: int
     """Bytes of model and dictionary weights."""
     phases: dict[str, int]
@@ -70,25 +70,11 @@ class Estimate:
     """Free bytes on the device (None: unknown)."""
     notes: dict = field(default_factory=dict)
 
-    @property
-    def phase(self) -> str:
-        return max(self.phases, key=self.phases.get)
-
-    @property
-    def peak(self) -> int:
-        return max(self.phases.values())
-
-    @property
-    def total(self) -> int:
-        return self.resident + self.peak
-
     def fits(self) -> bool:
         return self.free is None or self.total <= self.free
 
     def to_json(self) -> dict:
-        return {"resident_gib": self.resident / GIB, "peak_gib": self.peak / GIB, "total_gib": self.total / GIB,
-                "phase": self.phase, "phases_gib": {k: v / GIB for k, v in self.phases.items()},
-                "tflops": self.flops / 1e12, "seconds": self.seconds,
+        return {**self.gib_json(), "tflops": self.flops / 1e12, "seconds": self.seconds,
                 "free_gib": None if self.free is None else self.free / GIB, "fits": self.fits()}
 
 

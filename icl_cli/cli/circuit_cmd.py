@@ -202,23 +202,13 @@ def _many_table(data: dict):
 
 def _estimate(gl, model, task, dicts, p, edge_rows, device, dtype, measure: bool):
     """The memory and time estimate, from the config, the tokenizer and the dictionaries only."""
-    import contextlib
-
     import torch
-    import transformers as tr
-
-    from icl_cli.core.hub import offline_unless_reachable
 
     from icl_cli.circuit.compute import context_length, prompt_batch
     from icl_cli.circuit.estimate import Shapes, estimate, free_memory, measure_throughput
-    from icl_cli.core.models import load_tokenizer, resolve_source
+    from icl_cli.core.models import load_config, load_tokenizer
 
-    source, local = resolve_source(model)
-    try:
-        with offline_unless_reachable() if not local else contextlib.nullcontext():
-            config = tr.AutoConfig.from_pretrained(source, trust_remote_code=gl.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise IclError(f"could not read the config of {model}: {str(exc).strip().splitlines()[0]}") from exc
+    config = load_config(model, gl.trust_remote_code)
     tok = load_tokenizer(model, gl.trust_remote_code)
     _, batch = prompt_batch(tok, task, p, context_length(config))
     shapes = Shapes.of(config, dicts, torch.tensor([], dtype=dtype).element_size())

@@ -5,26 +5,16 @@ clean the SAE (for its width and layer)."""
 from __future__ import annotations
 
 from icl_cli.cli.context import emit
-from icl_cli.errors import IclError
 
 
 def _shape(gl, model: str):
     """(ModelShape, device) of ``model`` in the run's dtype, from its config alone."""
-    import contextlib
-
     import torch
-    import transformers as tr
 
-    from icl_cli.core.hub import offline_unless_reachable
     from icl_cli.core.memory import ModelShape
-    from icl_cli.core.models import resolve_device, resolve_dtype, resolve_source
+    from icl_cli.core.models import load_config, resolve_device, resolve_dtype
 
-    source, local = resolve_source(model)
-    try:
-        with offline_unless_reachable() if not local else contextlib.nullcontext():
-            config = tr.AutoConfig.from_pretrained(source, trust_remote_code=gl.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise IclError(f"could not read the config of {model}: {str(exc).strip().splitlines()[0]}") from exc
+    config = load_config(model, gl.trust_remote_code)
     device = resolve_device(gl.device)
     dtype = resolve_dtype(gl.dtype, device)
     return ModelShape.of(config, torch.tensor([], dtype=dtype).element_size()), device

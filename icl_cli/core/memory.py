@@ -110,13 +110,11 @@ class ModelShape:
         return 6 * self.d_model + 3 * self.d_mlp + 2 * self.n_heads * P
 
 
-@dataclass
-class Memory:
+class Phased:
+    """Resident bytes plus working bytes per phase (``resident``, ``phases`` fields of a dataclass)."""
+
     resident: int
-    """Bytes of weights (model, and for clean the SAE)."""
     phases: dict[str, int]
-    """Working bytes of each phase (beyond ``resident``), the largest being the peak."""
-    notes: dict = field(default_factory=dict)
 
     @property
     def phase(self) -> str:
@@ -130,9 +128,21 @@ class Memory:
     def total(self) -> int:
         return self.resident + self.peak
 
-    def to_json(self) -> dict:
+    def gib_json(self) -> dict:
         return {"resident_gib": self.resident / GIB, "peak_gib": self.peak / GIB, "total_gib": self.total / GIB,
-                "phase": self.phase, "phases_gib": {k: v / GIB for k, v in self.phases.items()}, **self.notes}
+                "phase": self.phase, "phases_gib": {k: v / GIB for k, v in self.phases.items()}}
+
+
+@dataclass
+class Memory(Phased):
+    resident: int
+    """Bytes of weights (model, and for clean the SAE)."""
+    phases: dict[str, int]
+    """Working bytes of each phase (beyond ``resident``), the largest being the peak."""
+    notes: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**self.gib_json(), **self.notes}
 
 
 def sae_params(d_in: int, F: int, d_out: int | None = None) -> int:

@@ -283,6 +283,20 @@ def load_model(
     )
 
 
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """Only the config of a preset, folder or HF id (no weights are read): what estimates need."""
+    import transformers as tr
+
+    source, local = resolve_source(name_or_path)
+    try:
+        with offline_unless_reachable() if not local else contextlib.nullcontext():
+            return tr.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if local:
+            raise IclError(f"could not read the config of {source}: {_first_line(exc)}") from exc
+        raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Only the tokenizer of a preset, folder or HF id (no weights are read)."""
     import transformers as tr
