@@ -156,22 +156,34 @@ def verified(art, shard: str) -> Any:
                        f"--shard {shard} --force, then assemble again") from None
 
 
-def wait_for(store, spec: StepSpec, count: int, say: Callable[[str], None], timeout: float | None = None) -> None:
-    """Poll the store until all ``count`` partials of ``spec`` exist (rank 0 under torchrun)."""
+def poll(missing: Callable[[], str], say: Callable[[str], None], waiting: str, late: str,
+         timeout: float | None = None) -> None:
+    """Call ``missing()`` every POLL_S seconds until it returns "" (what other ranks still owe);
+    say ``waiting.format(left)`` when that changes, and raise IclError(``late.format(left, timeout)``)
+    after ``timeout`` seconds (default ICL_SHARD_TIMEOUT, one day)."""
     timeout = float(os.environ.get("ICL_SHARD_TIMEOUT", "86400")) if timeout is None else timeout
     start, told = time.monotonic(), None
     while True:
-        have = find_parts(store, spec).get(count, {})
-        if len(have) == count:
+        left = missing()
+        if not left:
             return
-        left = missing_text(count, have)
         if left != told:
-            say(f"waiting for shard(s) {left} of {spec.step}")
+            say(waiting.format(left))
             told = left
         if time.monotonic() - start > timeout:
-            raise IclError(f"shard(s) {left} of {spec.step} did not appear within {timeout:.0f} s (ICL_SHARD_TIMEOUT); "
-                           "check those ranks' logs, then run the command without --shard to assemble")
+            raise IclError(late.format(left, timeout))
         time.sleep(POLL_S)
+
+
+def wait_for(store, spec: StepSpec, count: int, say: Callable[[str], None], timeout: float | None = None) -> None:
+    """Poll the store until all ``count`` partials of ``spec`` exist (rank 0 under torchrun)."""
+    def missing() -> str:
+        have = find_parts(store, spec).get(count, {})
+        return "" if len(have) == count else missing_text(count, have)
+
+    poll(missing, say, f"waiting for shard(s) {{}} of {spec.step}",
+         f"shard(s) {{}} of {spec.step} did not appear within {{:.0f}} s (ICL_SHARD_TIMEOUT); "
+         "check those ranks' logs, then run the command without --shard to assemble", timeout)
 
 
 @dataclass

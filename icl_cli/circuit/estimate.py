@@ -24,20 +24,15 @@ The c_* coefficients were fitted on the toy model and checked on a tiny random G
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
-from icl_cli.core.memory import C_A, C_D, C_M, GIB, Phased  # noqa: F401 (re-exported)
+from icl_cli.core.memory import C_A, C_D, C_M, GIB, ModelShape, Phased  # noqa: F401 (re-exported)
 
 
-@dataclass
-class Shapes:
-    n_params: int
-    n_layers: int
-    d_model: int
-    d_mlp: int
-    n_heads: int
-    vocab: int
-    dtype_bytes: int
+@dataclass(frozen=True)
+class Shapes(ModelShape):
+    """The model's shapes (``ModelShape``) and the dictionaries'."""
+
     dicts: list[tuple[int, int, int]]
     """(d_in, d_sae, d_out) per dictionary."""
     first_layer: int
@@ -46,16 +41,10 @@ class Shapes:
     @classmethod
     def of(cls, config, dicts, dtype_bytes: int) -> "Shapes":
         """From a HF config (parameters counted on the meta device) and the dictionaries."""
-        import torch
-        import transformers as tr
-
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in tr.AutoModelForCausalLM.from_config(config).parameters())
-        g = lambda *names: next((getattr(config, n) for n in names if getattr(config, n, None)), 0)  # noqa: E731
-        d = g("hidden_size", "n_embd")
-        return cls(n_params, g("num_hidden_layers", "n_layer"), d, g("intermediate_size", "n_inner") or 4 * d,
-                   g("num_attention_heads", "n_head"), g("vocab_size"), dtype_bytes,
-                   [(x.cfg.d_in, x.cfg.d_sae, x.cfg.d_out) for x in dicts.values()], min(l for _, l in dicts))
+        base = ModelShape.of(config, dtype_bytes)
+        return cls(**{f.name: getattr(base, f.name) for f in fields(ModelShape)},
+                   dicts=[(x.cfg.d_in, x.cfg.d_sae, x.cfg.d_out) for x in dicts.values()],
+                   first_layer=min(l for _, l in dicts))
 
 
 @dataclass

@@ -170,22 +170,11 @@ def _circuit(gl, store, model, task, dicts, inputs, p, edge_rows, chosen, device
 
 def _wait(store, keys: dict, say, timeout: float | None = None) -> None:
     """Poll the store until every circuit of ``keys`` (task -> key) is published (rank 0 under torchrun)."""
-    import os
-    import time
+    from icl_cli.shard import poll
 
-    timeout = float(os.environ.get("ICL_SHARD_TIMEOUT", "86400")) if timeout is None else timeout
-    start, told = time.monotonic(), None
-    while True:
-        left = [t for t, k in keys.items() if store.get(k) is None]
-        if not left:
-            return
-        if left != told:
-            say(f"waiting for the circuits of {', '.join(left)} (other ranks)")
-            told = left
-        if time.monotonic() - start > timeout:
-            raise IclError(f"the circuits of {', '.join(left)} did not appear within {timeout:.0f} s (ICL_SHARD_TIMEOUT); "
-                           "check those ranks' logs")
-        time.sleep(2.0)
+    poll(lambda: ", ".join(t for t, k in keys.items() if store.get(k) is None), say,
+         "waiting for the circuits of {} (other ranks)",
+         "the circuits of {} did not appear within {:.0f} s (ICL_SHARD_TIMEOUT); check those ranks' logs", timeout)
 
 
 def _many_table(data: dict):

@@ -287,26 +287,24 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     """Only the config of a preset, folder or HF id (no weights are read): what estimates need."""
     import transformers as tr
 
-    source, local = resolve_source(name_or_path)
-    try:
-        with offline_unless_reachable() if not local else contextlib.nullcontext():
-            return tr.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        if local:
-            raise IclError(f"could not read the config of {source}: {_first_line(exc)}") from exc
-        raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
+    return _without_weights(tr.AutoConfig, "config", name_or_path, trust_remote_code)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Only the tokenizer of a preset, folder or HF id (no weights are read)."""
     import transformers as tr
 
+    return _without_weights(tr.AutoTokenizer, "tokenizer", name_or_path, trust_remote_code)
+
+
+def _without_weights(auto, what: str, name_or_path: str, trust_remote_code: bool):
+    """``auto.from_pretrained`` of a preset, folder or HF id, offline unless the Hub is reachable;
+    a one-line IclError when it cannot be read."""
     source, local = resolve_source(name_or_path)
     try:
         with offline_unless_reachable() if not local else contextlib.nullcontext():
-            return tr.AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            return auto.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if local:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise IclError(f"could not load the tokenizer of {source}: {first}") from exc
+            raise IclError(f"could not load the {what} of {source}: {_first_line(exc)}") from exc
         raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
