@@ -3,7 +3,7 @@
     python benchmarks/clean_step.py                                   # the toy model's shape
     python benchmarks/clean_step.py --layers 18 --d-model 1024 --layer 12   # a mid-size random Gemma
 
-A cleaning step (``icl_cli.clean.clean_step``, the function ``clean`` runs) runs only the blocks
+A cleaning step (``icl_cli.clean.cleaning.clean_step``, the function ``clean`` runs) runs only the blocks
 from the TV layer l on: the residual below is computed once. Three things are timed in the same
 run, interleaved, and their medians compared:
 
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from icl_cli.clean import activation, clean_step, steer_mask
+from icl_cli.clean.cleaning import activation, clean_step, steer_mask
 from icl_cli.core.metrics import nll
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at

@@ -3,7 +3,7 @@
     python benchmarks/collect_throughput.py                                   # toy-icl, the paper's settings
     python benchmarks/collect_throughput.py --layers 18 --d-model 1024 --n-shot 5   # a mid-size random Gemma
 
-For one task, ``icl_cli.collect.collect_task`` (all layers, no SAEs) does two kinds of work:
+For one task, ``icl_cli.collect.vectors.collect_task`` (all layers, no SAEs) does two kinds of work:
 
     reads   task and detector vectors (resid_pre at every layer, arrow and output means) of the
             n_prompts few-shot prompts; the 0-shot base cache (resid_pre at every layer); the
@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from icl_cli.collect import collect_task, task_split
-from icl_cli.collect_io import CollectParams
+from icl_cli.collect.vectors import collect_task, task_split
+from icl_cli.collect.artifact import CollectParams
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel

@@ -110,8 +110,8 @@ def measure(step: str, spec: dict) -> dict:
     hm = HookedModel(model)
     F = spec["d_sae"]
     if step == "clean":
-        from icl_cli.clean import CleanParams, _prompts, clean_task
-        from icl_cli.collect import task_split
+        from icl_cli.clean.cleaning import CleanParams, _prompts, clean_task
+        from icl_cli.collect.vectors import task_split
         from icl_cli.core.batch import encode_prompts
         from icl_cli.core.memory import clean_memory
 

@@ -25,7 +25,7 @@ from icl_cli.core.models import load_model
 from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.steering import BaseCache, steered_logits
 from icl_cli.core.tasks import builtin_tasks
-from icl_cli.steer import PromptSource, SteerParams, heatmap_prompts, heatmap_task
+from icl_cli.steer.heatmaps import PromptSource, SteerParams, heatmap_prompts, heatmap_task
 
 
 def main() -> None:

@@ -26,14 +26,14 @@ git -C "$ROOT" worktree add --detach "$COPY" HEAD >/dev/null
 # PROFILE=methods (default): the SAE, cleaning and metric modules; PROFILE=causal: circuits, ablation, steering
 case "${PROFILE:-methods}" in
   methods)
-    MODULES="icl_cli/core/metrics.py icl_cli/core/prompts.py icl_cli/pursuit.py icl_cli/clean.py icl_cli/collect.py
+    MODULES="icl_cli/core/metrics.py icl_cli/core/prompts.py icl_cli/clean/pursuit.py icl_cli/clean/cleaning.py icl_cli/collect/vectors.py
              icl_cli/dictionaries/base.py icl_cli/dictionaries/standard.py icl_cli/dictionaries/gated.py
              icl_cli/dictionaries/jumprelu.py icl_cli/dictionaries/topk.py icl_cli/dictionaries/authors.py
              icl_cli/train_sae/evaluate.py icl_cli/train_sae/trainer.py"
     TESTS="tests/formulas tests/test_pursuit.py tests/dictionaries/test_dictionaries.py tests/core/test_prompts.py" ;;
   causal)
     MODULES="icl_cli/circuit/attribution.py icl_cli/circuit/splice.py icl_cli/circuit/faithfulness.py
-             icl_cli/circuit/edges.py icl_cli/ablate.py icl_cli/ablate_mass.py icl_cli/ablate_link.py icl_cli/steer.py"
+             icl_cli/circuit/edges.py icl_cli/ablate/feature_ablation.py icl_cli/ablate/mass.py icl_cli/ablate/link.py icl_cli/steer/heatmaps.py"
     TESTS="tests/circuit/test_attribution.py tests/circuit/test_splice.py tests/circuit/test_faithfulness.py
            tests/circuit/test_edges.py tests/test_ablate.py tests/test_steer.py tests/formulas/test_formula_ablate_steer.py" ;;
   *) echo "PROFILE must be methods or causal" >&2; exit 2 ;;

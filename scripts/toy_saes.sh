@@ -29,7 +29,7 @@ import os, sys
 from icl_cli.core.models import load_model
 from icl_cli.dictionaries.suite import KINDS
 from icl_cli.dictionaries.suite_build import write_suite
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store import Store
 
 store = Store(os.environ.get("ICL_STORE", "artifacts"))

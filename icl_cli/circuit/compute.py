@@ -33,7 +33,7 @@ from icl_cli.core.batch import PromptBatch, encode_prompts
 from icl_cli.core.prompts import get_template, sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 METHODS = ("atp", "ig")
 BASELINES = ("zero", "mean")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from icl_cli.circuit.graph import NODE_SITES
 from icl_cli.circuit.splice import Key
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 KIND_SITE = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder"}
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from icl_cli.circuit.attribution import NodeScores
+from icl_cli.circuit.edge_types import Captured as _Captured, Edge, Node, encode_cols, upstream
 from icl_cli.circuit.splice import Key, splice_edits
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.sites import HookedModel, Site
@@ -47,50 +48,7 @@ from icl_cli.dictionaries.gated import GatedSAE
 from icl_cli.dictionaries.jumprelu import JumpReLUSAE
 from icl_cli.dictionaries.standard import StandardSAE
 from icl_cli.dictionaries.topk import TopKSAE
-from icl_cli.errors import IclError
-
-Node = tuple[Key, int, int]
-"""(key, group index, feature or -1 for the error node)."""
-
-
-class Edge(NamedTuple):
-    src: Node
-    dst: Node
-    weight: float
-
-
-def upstream(key: Key) -> list[Key]:
-    """The sites whose nodes feed ``key``'s nodes directly (consecutive sites)."""
-    kind, l = key
-    if kind == "attn":
-        return [("resid", l)]
-    if kind == "transcoder":
-        return [("resid", l), ("attn", l)]
-    return [("resid", l - 1), ("attn", l - 1), ("transcoder", l - 1)] if l > 0 else []
-
-
-class _Encoder(nn.Module):
-    def __init__(self, d: nn.Module):
-        super().__init__()
-        self.d = d
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.d.encode(x)
-
-
-def encode_cols(d, x: Tensor, cols: Tensor) -> Tensor:
-    """encode(x)[..., cols] computing only those columns when features are independent."""
-    if d.cfg.arch == "topk":
-        return d.encode(x)[..., cols]
-    F = d.cfg.d_sae
-    sliced = {}
-    for name, p in [*d.named_parameters(), *d.named_buffers()]:
-        if name == "W_enc":
-            sliced["d." + name] = p[:, cols]
-        elif name not in ("W_dec", "b_dec") and p.dim() == 1 and p.shape[0] == F:
-            sliced["d." + name] = p[cols]
-    return torch.func.functional_call(_Encoder(d), sliced, (x,), strict=False)
-
+from icl_cli.core.errors import IclError
 
 METHODS = ("batched", "tiled", "per-node")
 
@@ -121,10 +79,6 @@ def edges(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key, object], s: N
                     progress(f"edges into {k[0]}.{k[1]}: {lo}/{len(rows)}")
                 out += chunk(hm, batch, dicts, s, selected, l, rows[lo:lo + K], ups)
     return out
-
-
-class _Captured(Exception):
-    """Leaves a pass once the downstream site's input and output are known."""
 
 
 class Rank1(NamedTuple):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from icl_cli.circuit.attribution import NodeScores
-from icl_cli.circuit.edges import Edge, Node, _Captured, encode_cols, upstream
+from icl_cli.circuit.edge_types import Captured as _Captured, Edge, Node, encode_cols, upstream
 from icl_cli.circuit.splice import Key, repeat_batch, splice_edits
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.sites import HookedModel, Site

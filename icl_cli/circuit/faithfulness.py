@@ -27,7 +27,7 @@ from icl_cli.circuit.splice import Ablating, Baseline, Groups, Key, ordered, spl
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.metrics import all_pairs_logprob
 from icl_cli.core.sites import HookedModel
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 NODE_SITES = ("resid", "attn", "transcoder")
 """Dictionary kinds, in the order they act within one layer."""

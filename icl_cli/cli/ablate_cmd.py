@@ -16,7 +16,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, saved, task_progress
 from icl_cli.cli.context import emit, g, log
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 app = typer.Typer(help="Ablate feature sets; activation mass by role; the detector → executor link.",
                   invoke_without_command=True)
@@ -48,8 +48,8 @@ class _Setup:
 def _setup(gl, sources: list, tasks: Optional[str], n_shot: Optional[int], n_prompts: Optional[int],
            model: Optional[str], roles: str = "arrow", mode: str = "zero", cross_task: bool = False) -> _Setup:
     """Tasks, prompt settings and model shared by every subcommand, checked against the sources."""
-    from icl_cli.ablate import AblateParams
-    from icl_cli.ablate_sets import GIVEN
+    from icl_cli.ablate.feature_ablation import AblateParams
+    from icl_cli.ablate.feature_sets import GIVEN
     from icl_cli.cli.clean_cmd import same_model
     from icl_cli.core.identity import model_info, tasks_digest
     from icl_cli.core.models import resolve_device, resolve_dtype
@@ -164,8 +164,8 @@ def ablate_cmd(
         return faithfulness_cmd(ctx, circuit, tasks, cross_task, max_nodes, name, force)
     if features is None:
         raise IclError("pass --features REF|LAYER:ID,... (or --circuit REF); see `icl ablate --help`")
-    from icl_cli.ablate import FORMAT_VERSION, read_h5, run_ablation, summary_json, write_h5
-    from icl_cli.ablate_sets import resolve_features
+    from icl_cli.ablate.feature_ablation import FORMAT_VERSION, read_h5, run_ablation, summary_json, write_h5
+    from icl_cli.ablate.feature_sets import resolve_features
     from icl_cli.core.sites import HookedModel
     from icl_cli.store import StepSpec
 
@@ -207,7 +207,7 @@ def _mean_delta(r) -> float | None:
 def _ablate_table(data: dict, r):
     from rich.table import Table
 
-    from icl_cli.ablate_render import heatmap
+    from icl_cli.ablate.view import heatmap
 
     out = []
     tab = Table(title=f"ablating {data['set']} ({data['mode']}) at {', '.join(data['roles'])} tokens; ablate {data['key'][:12]}")
@@ -247,8 +247,8 @@ def mass_cmd(
     force: bool = _FORCE,
 ) -> None:
     """Share of a feature set's activation on prompt / input / arrow / output / newline tokens (docs/METHODS.md §8)."""
-    from icl_cli.ablate_mass import FORMAT_VERSION, feature_mass, read_h5, summary_json, write_h5
-    from icl_cli.ablate_sets import resolve_features
+    from icl_cli.ablate.mass import FORMAT_VERSION, feature_mass, read_h5, summary_json, write_h5
+    from icl_cli.ablate.feature_sets import resolve_features
     from icl_cli.core.sites import HookedModel
     from icl_cli.store import StepSpec
 
@@ -317,8 +317,8 @@ def link_cmd(
     force: bool = _FORCE,
 ) -> None:
     """Executor activation at arrows after / before removing a detector's direction at outputs (docs/METHODS.md §8)."""
-    from icl_cli.ablate_link import FORMAT_VERSION, read_h5, run_link, summary_json, write_h5
-    from icl_cli.ablate_sets import GIVEN, resolve_features
+    from icl_cli.ablate.link import FORMAT_VERSION, read_h5, run_link, summary_json, write_h5
+    from icl_cli.ablate.feature_sets import GIVEN, resolve_features
     from icl_cli.core.sites import HookedModel
     from icl_cli.store import StepSpec
 
@@ -366,7 +366,7 @@ def link_cmd(
 
 
 def _link_table(data: dict):
-    from icl_cli.ablate_render import heatmap
+    from icl_cli.ablate.view import heatmap
 
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     title = f"detector → executor: executor activation at arrows, after / before ({data['removal']}); ablate {data['key'][:12]}"

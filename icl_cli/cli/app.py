@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from icl_cli import __version__
 from icl_cli.cli.context import Globals, stderr_console
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 class _Boundary(TyperGroup):

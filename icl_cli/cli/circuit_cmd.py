@@ -20,7 +20,7 @@ import typer
 from icl_cli.cli.common import load_lm, saved
 from icl_cli.cli.context import emit, g, log
 from icl_cli.cli.shard_cli import CIRCUIT_SHARD_HELP
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 
@@ -66,7 +66,7 @@ def circuit_cmd(
     if edge_rows < 1:
         raise IclError("--edge-rows must be ≥ 1")
     tasks = resolve_tasks(task)
-    from icl_cli import shard as sharding
+    from icl_cli.store import shards as sharding
 
     part, torchrun = sharding.resolve(shard)
     fingerprint, n_layers, d_model = model_info(model, gl.trust_remote_code)
@@ -170,7 +170,7 @@ def _circuit(gl, store, model, task, dicts, inputs, p, edge_rows, chosen, device
 
 def _wait(store, keys: dict, say, timeout: float | None = None) -> None:
     """Poll the store until every circuit of ``keys`` (task -> key) is published (rank 0 under torchrun)."""
-    from icl_cli.shard import poll
+    from icl_cli.store.shards import poll
 
     poll(lambda: ", ".join(t for t, k in keys.items() if store.get(k) is None), say,
          "waiting for the circuits of {} (other ranks)",

@@ -16,8 +16,8 @@ import typer
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
 from icl_cli.cli.shard_cli import SHARD_HELP, finish
-from icl_cli.clean_io import AUTO_L1_GRID
-from icl_cli.errors import IclError
+from icl_cli.clean.artifact import AUTO_L1_GRID
+from icl_cli.core.errors import IclError
 
 
 def register(app: typer.Typer) -> None:
@@ -69,8 +69,8 @@ def clean_cmd(
 ) -> None:
     """Clean task vectors into a few SAE features that keep the task (plus the baselines)."""
     from icl_cli.cli.fastpath import cpu_device_dtype
-    from icl_cli.clean_io import FORMAT_VERSION, CleanParams, read_h5, summary_json
-    from icl_cli.collect_io import read_sweeps, task_flags
+    from icl_cli.clean.artifact import FORMAT_VERSION, CleanParams, read_h5, summary_json
+    from icl_cli.collect.artifact import read_sweeps, task_flags
     from icl_cli.core.identity import tasks_digest
     from icl_cli.core.tasks import resolve_tasks
     from icl_cli.store import StepSpec
@@ -117,14 +117,14 @@ def clean_cmd(
         spec, d = _checked_spec(gl, store, sae_art, sae, cp, tv_art, layer, spec_for)
     else:
         d = None
-    from icl_cli import shard as sharding
+    from icl_cli.store import shards as sharding
 
     part, torchrun = sharding.resolve(shard)
     holder = {}
 
     def compute(st, subset):
-        from icl_cli.clean import CleanResult, clean_task, write_h5
-        from icl_cli.collect import read_h5 as read_collect
+        from icl_cli.clean.cleaning import CleanResult, clean_task, write_h5
+        from icl_cli.collect.vectors import read_h5 as read_collect
         from icl_cli.core.identity import model_fingerprint
         from icl_cli.core.sites import HookedModel
         from icl_cli.dictionaries.io import load_dictionary
@@ -158,7 +158,7 @@ def clean_cmd(
         return summary_json(st.key, lay, out, meta)["mean"]
 
     def merge(st, parts):
-        from icl_cli.clean_io import write_h5
+        from icl_cli.clean.artifact import write_h5
 
         merged, lay = {}, spec.params["layer"]
         for _, art in parts:
@@ -202,7 +202,7 @@ def _sae_label(store, art, ref: str) -> str:
 
 def _checked_spec(gl, store, sae_art, sae: str, cp: dict, tv_art, layer: int | None, spec_for):
     """The spec after loading the SAE and checking it against the task vectors (the path of a new artifact)."""
-    from icl_cli.collect import read_h5 as read_collect
+    from icl_cli.collect.vectors import read_h5 as read_collect
     from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.dictionaries.io import load_dictionary
 
@@ -256,7 +256,7 @@ def _tables(data: dict) -> list:
 
     from rich.text import Text
 
-    from icl_cli.clean_io import SHORT, flag_note, l1_text
+    from icl_cli.clean.artifact import SHORT, flag_note, l1_text
 
     what = "detector" if data.get("detectors") else "task"
     methods = list(data["methods"])

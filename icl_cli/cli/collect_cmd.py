@@ -40,7 +40,7 @@ def collect_cmd(
     if ctx.invoked_subcommand is not None:
         return
     from icl_cli.cli.fastpath import cpu_device_dtype
-    from icl_cli.collect_io import FORMAT_VERSION, CollectParams, read_sweeps, summary_json
+    from icl_cli.collect.artifact import FORMAT_VERSION, CollectParams, read_sweeps, summary_json
     from icl_cli.core.identity import model_info, tasks_digest
     from icl_cli.core.layers import parse_layers
     from icl_cli.core.tasks import resolve_tasks
@@ -67,7 +67,7 @@ def collect_cmd(
               "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
               "dtype": dtype, "device": device}
     spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)
-    from icl_cli import shard as sharding
+    from icl_cli.store import shards as sharding
 
     part, torchrun = sharding.resolve(shard)
     names = [t.name for t in task_list]
@@ -75,7 +75,7 @@ def collect_cmd(
     holder = {}
 
     def compute(st, subset):
-        from icl_cli.collect import run_collect, write_h5
+        from icl_cli.collect.vectors import run_collect, write_h5
         from icl_cli.dictionaries.io import load_dictionary
 
         lm_ = lm or load_lm(gl, model)
@@ -89,7 +89,7 @@ def collect_cmd(
         return {"best_layer": {t: r.best_layer for t, r in results.items()}}
 
     def merge(st, parts):
-        from icl_cli.collect import read_h5, write_h5
+        from icl_cli.collect.vectors import read_h5, write_h5
 
         merged, layer_list = {}, None
         for _, art in parts:
@@ -125,7 +125,7 @@ def _device_dtype(gl) -> tuple[str, str]:
 def _table(data: dict):
     from rich.table import Table
 
-    from icl_cli.collect_io import SHORT, flag_note
+    from icl_cli.collect.artifact import SHORT, flag_note
 
     layers = [str(l) for l in data["layers"]]
     tab = Table(title=f"nll of 0-shot prompts with the task vector added, by layer (* = best, where the vector helps); "
@@ -184,9 +184,9 @@ def top_activations_cmd(
     """Store the top-activating contexts of chosen features, with the firing token marked."""
     from icl_cli.core.identity import model_fingerprint
     from icl_cli.dictionaries.io import load_dictionary
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
     from icl_cli.store import StepSpec
-    from icl_cli.top_activations import FORMAT_VERSION, TopParams, contexts, read_h5, top_activations, write_h5
+    from icl_cli.collect.top_activations import FORMAT_VERSION, TopParams, contexts, read_h5, top_activations, write_h5
 
     gl = g(ctx)
     store = gl.store()

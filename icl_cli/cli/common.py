@@ -88,7 +88,7 @@ def saved(gl: Globals, res) -> None:
 
 def maybe_artifact(store, ref: str):
     """The store artifact ``ref`` names, or None when it names none (a folder, file or release id)."""
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     try:
         return store.resolve(ref)

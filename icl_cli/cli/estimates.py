@@ -29,9 +29,9 @@ def _free(device) -> float | None:
 
 def clean_estimate(gl, store, cp: dict, tv_art, sae_art, sae: str, layer: int | None, p, tasks) -> None:
     """Memory of the largest task of a clean run (the caches and steps of one task at a time)."""
-    from icl_cli.clean import _prompts, validation_queries
+    from icl_cli.clean.cleaning import _prompts, validation_queries
     from icl_cli.cli.clean_cmd import _checked_spec
-    from icl_cli.collect import task_split
+    from icl_cli.collect.vectors import task_split
     from icl_cli.core.batch import encode_prompts
     from icl_cli.core.memory import clean_memory
     from icl_cli.core.models import load_tokenizer

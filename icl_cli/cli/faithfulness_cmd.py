@@ -15,7 +15,7 @@ import typer
 
 from icl_cli.cli.common import load_lm, saved
 from icl_cli.cli.context import emit, g, log
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 

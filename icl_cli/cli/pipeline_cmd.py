@@ -27,7 +27,7 @@ from typing import Optional
 import typer
 
 from icl_cli.cli.context import Globals, g, log
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 DEFAULT_TASKS = ("antonyms,singular_plural,en_es,en_fr,location_continent,location_religion,algo_last,algo_second")
 """Two tasks of each group of the paper (linguistic, translation, knowledge, algorithmic), ones whose

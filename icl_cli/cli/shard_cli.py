@@ -1,5 +1,5 @@
 """The command side of task-parallel sweeps (``--shard i/n``, torchrun): option help, stderr lines,
-and what a shard prints (see icl_cli/shard.py for the mechanism)."""
+and what a shard prints (see icl_cli/store/shards.py for the mechanism)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ CIRCUIT_SHARD_HELP = ("i/n: compute only the circuits of shard i of n (tasks i, 
 
 def finish(gl, out, names: Sequence[str]) -> bool:
     """Say what a sharded run did; emit a shard's partial. True when the caller emits the full result."""
-    from icl_cli.shard import part_json
+    from icl_cli.store.shards import part_json
 
     if out.line:
         log(out.line, ctx_globals=gl)
@@ -43,6 +43,6 @@ def finish(gl, out, names: Sequence[str]) -> bool:
 
 
 def _torchrun_rank() -> bool:
-    from icl_cli.shard import env_shard
+    from icl_cli.store.shards import env_shard
 
     return env_shard() is not None

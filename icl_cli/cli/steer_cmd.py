@@ -18,7 +18,7 @@ import typer
 from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
 from icl_cli.cli.context import emit, g, log
 from icl_cli.cli.shard_cli import SHARD_HELP, finish
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 app = typer.Typer(help="Steer with SAE features: executor / detector heatmaps, negative steering, exploration.",
                   invoke_without_command=True)
@@ -65,12 +65,12 @@ def steer_cmd(
     """Steer held-out prompts with each feature: the tasks × features heatmap, executors, negative sweeps."""
     if ctx.invoked_subcommand is not None:
         return
-    from icl_cli.clean import read_h5 as read_clean
+    from icl_cli.clean.cleaning import read_h5 as read_clean
     from icl_cli.core.identity import model_fingerprint, tasks_digest
     from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.sites import HookedModel
     from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.steer import FORMAT_VERSION, NEGATIVE_SCALES, PromptSource, SteerParams, read_h5, run_steer, summary_json
+    from icl_cli.steer.heatmaps import FORMAT_VERSION, NEGATIVE_SCALES, PromptSource, SteerParams, read_h5, run_steer, summary_json
     from icl_cli.store import StepSpec
 
     gl = g(ctx)
@@ -118,13 +118,13 @@ def steer_cmd(
     else:
         params.pop("scales")
     spec = StepSpec("steer", params, {"clean": clean_art, "sae": sae_art, "executors": exec_art}, FORMAT_VERSION)
-    from icl_cli import shard as sharding
+    from icl_cli.store import shards as sharding
 
     part, torchrun = sharding.resolve(shard)
     holder = {}
 
     def compute(st, subset):
-        from icl_cli.steer import write_h5
+        from icl_cli.steer.heatmaps import write_h5
 
         lm = load_lm(gl, cp["model"])
         if model_fingerprint(lm.model) != cp["model_fingerprint"]:
@@ -141,7 +141,7 @@ def steer_cmd(
         return {"mean_base_nll": float(res.base_nll.mean())}
 
     def merge(st, parts):
-        from icl_cli.steer import merge_rows, steer_result, write_h5
+        from icl_cli.steer.heatmaps import merge_rows, steer_result, write_h5
 
         rows = merge_rows([read_h5(art.file("steer.h5")) for _, art in parts], names)
         res = steer_result(p, layer, cp["model"], names, feats, rows, kept, per_task)
@@ -158,7 +158,7 @@ def steer_cmd(
     saved(gl, out)
     res = (not out.reused and holder.get("res")) or read_h5(out.artifact.file("steer.h5"))
     data = summary_json(out.artifact.key, res, normalise)
-    from icl_cli.steer_view import heatmap_tables, negative_table
+    from icl_cli.steer.view import heatmap_tables, negative_table
 
     table = (lambda: negative_table(res, out.artifact.key)) if p.mode == "negative" else \
         (lambda: heatmap_tables(res, out.artifact.key, normalise, max_columns))
@@ -205,7 +205,7 @@ def _check_sae(cfg, layer: int, cp: dict, clean_key: str) -> None:
 
 def _features(store, features: str, executors: str | None, p, names: list[str], kept: dict, layer: int, sae_art):
     """(features steered, per-task feature sets for negative mode or None, executors artifact or None)."""
-    from icl_cli.steer import read_h5, specificity
+    from icl_cli.steer.heatmaps import read_h5, specificity
 
     explicit = None if features.strip() == "all-kept" else _ints(features, "--features")
     if p.mode != "negative":
@@ -249,7 +249,7 @@ def explore_cmd(
     """Greedy completion of a prompt without and with one feature's direction added, side by side."""
     from icl_cli.core.sites import HookedModel
     from icl_cli.dictionaries.io import load_dictionary
-    from icl_cli.steer_explore import explore
+    from icl_cli.steer.explore import explore
 
     gl = g(ctx)
     if not math.isfinite(scale):

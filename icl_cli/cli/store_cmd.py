@@ -23,7 +23,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from icl_cli.cli.context import Globals, emit, g, log
-from icl_cli.errors import IclError, IntegrityError
+from icl_cli.core.errors import IclError, IntegrityError
 from icl_cli.store.imports import KINDS
 
 app = typer.Typer(help="The content-hashed artifact store.", no_args_is_help=True)

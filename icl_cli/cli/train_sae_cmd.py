@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 
 from icl_cli.cli.context import emit, g, stderr_console
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 def register(app: typer.Typer) -> None:

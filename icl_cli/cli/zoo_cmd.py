@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from icl_cli.cli.context import emit, g, log
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 app = typer.Typer(help="The bundled toy ICL model: train it, measure it.", no_args_is_help=True)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from icl_cli.core.prompts import _PRIORITY, ROLE_CODE, ROLES, Prompt
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 @dataclass

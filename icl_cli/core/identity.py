@@ -76,7 +76,7 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> tuple[str 
         with offline_unless_reachable():
             cfg = tr.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        from icl_cli.errors import IclError
+        from icl_cli.core.errors import IclError
 
         raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

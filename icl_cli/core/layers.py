@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 def parse_layers(spec: "str | list[str]", n_layers: int) -> list[int]:

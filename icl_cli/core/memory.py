@@ -12,7 +12,7 @@ softmax make: u·(4·D + H·P) bytes. A block run without autograd holds its tem
 while it runs: T(P) = 6·D + 3·M + 2·H·P elements per token (q/k/v/o and norm outputs, the MLP's
 gate/up/act, the attention scores and softmax).
 
-clean (one task; SPEC §5, icl_cli/clean.py):
+clean (one task; SPEC §5, icl_cli/clean/cleaning.py):
     resident  weights n_params·m + the SAE (2·D·F + 3·F + D)·f
     caches    resid_pre[l] of the training, held-out and validation batches, kept for the task:
               (B_tr + B_ho + B_val)·P·D·m

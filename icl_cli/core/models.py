@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from icl_cli.core.hub import offline_unless_reachable
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 TOY_DIR = Path(__file__).parent.parent / "zoo" / "toy-icl"
 

@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 ROLES = ("prompt", "input", "arrow", "output", "newline")
 DUMMY_PAIR = ("X", "Y")

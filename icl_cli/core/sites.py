@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from icl_cli.core.arch import locate, model_family
 from icl_cli.core.placement import input_device
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 SITE_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 """Where the cgroup file system is mounted (a module attribute so tests can point it elsewhere)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from icl_cli.dictionaries.base import DictConfig, Dictionary, build
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 REQUIRED = ("W_enc", "b_enc", "W_dec", "b_dec", "s_gate", "b_gate", "scaling_factor", "mean_norm")
 

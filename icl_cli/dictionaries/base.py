@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 SITES = ("resid_pre", "attn_out", "transcoder")
 

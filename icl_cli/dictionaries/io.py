@@ -24,7 +24,7 @@ from torch import Tensor
 from icl_cli.dictionaries import gated, jumprelu, standard, topk  # noqa: F401  (registers the architectures)
 from icl_cli.dictionaries.authors import is_authors_file, read_authors
 from icl_cli.dictionaries.base import DictConfig, Dictionary, build
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from icl_cli.dictionaries.base import Dictionary
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 KINDS = ("resid", "attn", "transcoder")
 """resid: SAE on resid_pre[l]; attn: SAE on attn_out[l]; transcoder: mlp_in[l] -> mlp_out[l]."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 @dataclass

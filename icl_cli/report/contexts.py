@@ -26,7 +26,7 @@ def _clean(tok: str) -> str:
 
 def feature_contexts(store, sae_key: str, features: Sequence[int], n_rows: int = 5, window: int = 12) -> dict[int, Contexts]:
     """feature -> its top contexts, from the top-activations artifacts of SAE ``sae_key``."""
-    from icl_cli.top_activations import contexts, read_h5
+    from icl_cli.collect.top_activations import contexts, read_h5
 
     wanted = set(int(f) for f in features)
     found: dict[int, Contexts] = {}

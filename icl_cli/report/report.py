@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.report.base import Figure, Section, Table, renderer_for, short_list
 
 STEP_ORDER = ("import-model", "import-tasks", "train-sae", "import-sae", "collect", "top-activations", "clean", "steer",

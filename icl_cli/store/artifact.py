@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from icl_cli.errors import IntegrityError
+from icl_cli.core.errors import IntegrityError
 from icl_cli.store.fsutil import MANIFEST, hash_file, tree_files
 from icl_cli.store.keys import compute_key
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from icl_cli.errors import IntegrityError
+from icl_cli.core.errors import IntegrityError
 from icl_cli.store.fsutil import newest_mtime, remove_tree, tree_size
 from icl_cli.store.keys import KEY_RE
 from icl_cli.store.lock import is_locked

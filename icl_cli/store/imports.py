@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store.artifact import StepResult
 from icl_cli.store.fsutil import hash_file
 from icl_cli.store.keys import StepSpec

@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store.fsutil import MANIFEST, fsync_dir, hash_file, make_readonly, tree_files
 
 

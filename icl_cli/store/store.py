@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from icl_cli.errors import IclError, IntegrityError
+from icl_cli.core.errors import IclError, IntegrityError
 from icl_cli.store.artifact import MANIFEST_FORMAT, Artifact, StepResult, code_version, environment, read_manifest
 from icl_cli.store.fsutil import MANIFEST, atomic_write_text, copy_tree_writable, remove_tree
 from icl_cli.store.keys import KEY_RE, StepSpec, normalise, split_params

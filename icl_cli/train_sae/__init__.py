@@ -1,1 +1,4 @@
-"""Training SAEs and transcoders on a model's activations (the library step behind `icl train-sae`)."""
+"""Step 2, ``icl train-sae``: SAEs (``resid_pre``, ``attn_out``) and transcoders (``mlp_in → mlp_out``)
+trained on a model's activations streamed from a corpus. Reads a model and text; writes a
+SAELens folder (``cfg.json``, ``sae_weights.safetensors``, ``sparsity.safetensors``).
+"""

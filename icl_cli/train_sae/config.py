@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 SITE_KINDS = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder"}
 TOY = "toy-icl"

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 EVAL_SEED_OFFSET = 7919
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.train_sae.data import ActivationSource
 
 

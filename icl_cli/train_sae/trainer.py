@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from icl_cli.dictionaries import DictConfig, Dictionary, build
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.train_sae import checkpoint as ckpt
 from icl_cli.train_sae import distributed as dist
 from icl_cli.train_sae.config import SITE_KINDS, TrainConfig

@@ -141,7 +141,7 @@ def _save_checkpoint(path: Path, cfg: ToyConfig, step: int, model, opt, rng: ran
 def _load_checkpoint(path: Path, cfg: ToyConfig, model, opt, rng: random.Random) -> tuple[int, float | None, float]:
     from safetensors import safe_open
 
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["state"])

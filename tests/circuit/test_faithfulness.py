@@ -156,7 +156,7 @@ def test_reference_refuses_a_metric_that_ablation_does_not_move(monkeypatch):
     from types import SimpleNamespace
 
     import icl_cli.circuit.faithfulness as fm
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     r = Ranking.of({("resid", 0): torch.tensor([[1.0, -0.5]])})
     groups = SimpleNamespace(index=torch.zeros(1))

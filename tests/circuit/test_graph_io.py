@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from icl_cli.circuit.graph import ERROR, CircuitGraph, read_h5, write_h5
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 def random_graph(n: int = 40, e: int = 90, seed: int = 0, per_position: bool = False) -> CircuitGraph:

@@ -156,7 +156,7 @@ def _one_error(res, needle: str) -> None:
 
 def test_backwards_layer_range(tmp_path, tiny_toy_dir):
     from icl_cli.core.layers import parse_layers
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     assert parse_layers("3-5", 6) == [3, 4, 5] and parse_layers("1,4-5", 6) == [1, 4, 5]
     with pytest.raises(IclError, match="backwards"):

@@ -9,7 +9,7 @@ import torch
 
 from icl_cli.core import models
 from icl_cli.core.models import PRESETS, hub_error_message, load_model, resolve_device, resolve_dtype
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from tests.core.tiny_models import VOCAB, tiny_model
 
 

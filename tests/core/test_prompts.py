@@ -8,7 +8,7 @@ from transformers import PreTrainedTokenizerFast
 
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import ROLES, Prompt, render, sample_prompts
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 PAIRS = [("hot", "cold"), ("bigger", "smaller"), ("happy", "sad"), ("Buenos Aires", "Argentina"),
          ("wonderful", "terrible"), ("up", "down"), ("light", "dark"), ("early", "late")]

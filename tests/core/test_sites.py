@@ -8,7 +8,7 @@ import torch
 
 from icl_cli.core.arch import locate
 from icl_cli.core.sites import SITE_KINDS, HookedModel, Site, add_at, replace_at
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from tests.core.tiny_models import FAMILIES, VOCAB, tiny_model
 
 B, P = 2, 7

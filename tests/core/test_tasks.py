@@ -5,7 +5,7 @@ import json
 import pytest
 
 from icl_cli.core.tasks import BUILTIN_NAMES, builtin_tasks, load_task, load_task_file, resolve_tasks, suite_from_dir
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 def test_both_public_formats(tmp_path):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from icl_cli.dictionaries import DictConfig, build, import_sae, load_dictionary, save_saelens
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 ARCHS = ("standard", "gated", "topk", "jumprelu")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from icl_cli.dictionaries import DictConfig, build, load_dictionary, save_saelens
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 sae_lens = pytest.importorskip("sae_lens")
 

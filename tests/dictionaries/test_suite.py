@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from icl_cli.core.sites import HookedModel, Site
 from icl_cli.core.tasks import resolve_tasks
 from icl_cli.dictionaries import DictConfig, build, save_saelens
 from icl_cli.dictionaries.suite import BUNDLED, KINDS, Suite, import_suite, load_suite
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 BUNDLE = BUNDLED["toy-icl-suite"]
 
@@ -35,6 +36,66 @@ def gated_by_hand(folder: Path, x: torch.Tensor) -> torch.Tensor:
     proj = xin @ w["W_enc"]
     a = (proj + w["b_gate"] > 0).double() * torch.relu(proj * torch.exp(w["r_mag"]) + w["b_mag"])
     return a @ w["W_dec"] + w["b_dec"]
+
+
+# ---- float32 rounding bounds (Higham, Accuracy and Stability of Numerical Algorithms, §3.1) -------
+U32 = 2.0**-24  # unit roundoff of float32
+
+
+def gamma(n: int) -> float:
+    """γ_n = n·u / (1 − n·u): |fl(Σ_{i≤n} a_i b_i) − Σ a_i b_i| ≤ γ_n Σ |a_i b_i| in any summation
+    order, blocked or with FMA, so it holds for every BLAS kernel on every CPU and thread count."""
+    return n * U32 / (1 - n * U32)
+
+
+class GatedByHand(NamedTuple):
+    pi: torch.Tensor
+    """[N, d_sae] exact gate pre-activation x'W_enc + b_gate (float64 of the float32 inputs)."""
+    pi_err: torch.Tensor
+    """[N, d_sae] how far a float32 evaluation of pi may be from it."""
+    magnitude: torch.Tensor
+    """[N, d_sae] exact open-gate value relu(x'(W_enc ⊙ exp r_mag) + b_mag)."""
+    magnitude_err: torch.Tensor
+    """[N, d_sae] how far a float32 evaluation of the magnitude may be from it."""
+
+    @property
+    def acts(self) -> torch.Tensor:
+        """[N, d_sae] exact activations [pi > 0] · magnitude."""
+        return (self.pi > 0).double() * self.magnitude
+
+
+def gated_acts_by_hand(folder: Path, x: torch.Tensor) -> GatedByHand:
+    """The gated encoder in float64 from the raw tensors, with float32 rounding bounds.
+
+    x' = x − b_dec costs one rounding, the n-term dot product γ_n, adding b_gate one more: the
+    float32 gate pre-activation is within γ_{n+2} Σ_i |x'_i W_ij| (+ |b_gate_j| u) of the exact one,
+    and its sign (the gate) can only differ where |pi| is inside that bound. The magnitude path
+    adds exp (≤ 1 ulp = 2u, torch's vectorised expf), one product and the b_mag sum: γ_{n+6}."""
+    cfg = json.loads((folder / "cfg.json").read_text())
+    w = {k: v.double() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    n = x.shape[-1]
+    xin = x.double() - w["b_dec"] if cfg["apply_b_dec_to_input"] else x.double()
+    proj = xin @ w["W_enc"]
+    mass = xin.abs() @ w["W_enc"].abs()  # Σ_i |x'_i W_ij|
+    scale = torch.exp(w["r_mag"])
+    pi = proj + w["b_gate"]
+    pi_err = gamma(n + 2) * (mass + w["b_gate"].abs())
+    magnitude = torch.relu(proj * scale + w["b_mag"])
+    magnitude_err = gamma(n + 6) * (mass * scale + w["b_mag"].abs())
+    return GatedByHand(pi, pi_err, magnitude, magnitude_err)
+
+
+def encoder_disagreements(ours: torch.Tensor, hand: GatedByHand) -> torch.Tensor:
+    """[N, d_sae] True where a float32 encoder's output cannot be a rounding of the exact one.
+
+    Away from the gate threshold (|pi| beyond its rounding bound) the activation must match
+    within the magnitude bound (relu is 1-Lipschitz). Near it the gate may go either way: the
+    activation must then be 0 or the open-gate value."""
+    ours = ours.double()
+    near = hand.pi.abs() <= hand.pi_err
+    agrees = (ours - hand.acts).abs() <= hand.magnitude_err
+    either = (ours == 0) | ((ours - hand.magnitude).abs() <= hand.magnitude_err)
+    return torch.where(near, ~either, ~agrees)
 
 
 def check_acts(lm, check: dict, sites) -> tuple[dict, torch.Tensor]:

@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from icl_cli.ablate import AblateResult, own_worst_share
-from icl_cli.ablate_link import LinkResult, removal_edit
-from icl_cli.collect import CollectParams, collect_task
+from icl_cli.ablate.feature_ablation import AblateResult, own_worst_share
+from icl_cli.ablate.link import LinkResult, removal_edit
+from icl_cli.collect.vectors import CollectParams, collect_task
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.steer import PromptSource, SteerParams, negative_task, run_steer, task_direction
+from icl_cli.steer.heatmaps import PromptSource, SteerParams, negative_task, run_steer, task_direction
 
 
 def _sae(d_in=5, d_sae=4, seed=0):

@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from icl_cli.clean import CleanParams, clean_task, clean_vector, steer_mask
-from icl_cli.collect import task_split
+from icl_cli.clean.cleaning import CleanParams, clean_task, clean_vector, steer_mask
+from icl_cli.collect.vectors import task_split
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import DUMMY_PAIR, Prompt, sample_prompts
 from icl_cli.core.sites import HookedModel
@@ -307,7 +307,7 @@ def test_stored_l0_and_steps_are_those_of_the_returned_theta(tiny_lm, env, recor
 # ---- the split: training prompts never use held-out pairs ----------------------------------------
 def test_cleaning_trains_on_train_pairs_and_scores_the_held_out_queries(tiny_lm, env, monkeypatch):
     hm, task, v = env
-    import icl_cli.clean as clean_mod
+    import icl_cli.clean.cleaning as clean_mod
 
     seen = []
     real = clean_mod.BaseCache.build
@@ -332,7 +332,7 @@ def test_cleaning_trains_on_train_pairs_and_scores_the_held_out_queries(tiny_lm,
 
 
 def test_cleaning_a_topk_sae_uses_relu_not_its_top_k():
-    from icl_cli.clean import activation
+    from icl_cli.clean.cleaning import activation
 
     sae = sae_with_biases("topk", k=3)
     theta = torch.randn(48, generator=torch.Generator().manual_seed(0))

@@ -6,8 +6,8 @@ import dataclasses
 
 import torch
 
-import icl_cli.collect as collect_mod
-from icl_cli.collect import CollectParams, collect_task, task_split
+import icl_cli.collect.vectors as collect_mod
+from icl_cli.collect.vectors import CollectParams, collect_task, task_split
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from tests.formulas._reference import hidden_states, logits_with_added, pad, summed_nll, word_tokens

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from icl_cli.collect import mass_percent, role_mass
+from icl_cli.collect.vectors import mass_percent, role_mass
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import ROLES, sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.pursuit import gradient_pursuit, pursuit_vector
+from icl_cli.clean.pursuit import gradient_pursuit, pursuit_vector
 from tests.formulas._reference import hidden_states
 
 

@@ -14,10 +14,10 @@ import torch
 from typer.testing import CliRunner
 
 from icl_cli.cli.app import app
-from icl_cli.clean import CleanResult
-from icl_cli.clean import write_h5 as write_clean
-from icl_cli.collect import TaskResult
-from icl_cli.collect import write_h5 as write_collect
+from icl_cli.clean.cleaning import CleanResult
+from icl_cli.clean.cleaning import write_h5 as write_clean
+from icl_cli.collect.vectors import TaskResult
+from icl_cli.collect.vectors import write_h5 as write_collect
 from icl_cli.store import StepSpec, Store
 
 LAYERS = [0, 1, 2]
@@ -76,7 +76,7 @@ def test_collect_and_clean_numbers_are_the_hand_computed_ones(store):
     assert col.summary["most_common_best_layer"] == 2
     # L0 reduction: mean cleaned L0 4.5 against mean recon L0 15
     assert cln.summary["l0_reduction"] == pytest.approx(1 - 4.5 / 15)
-    from icl_cli.clean import read_h5
+    from icl_cli.clean.cleaning import read_h5
     from icl_cli.report.renderers.clean import method_points, sweep_points
 
     _, results = read_h5(cl.file("clean.h5"))
@@ -162,7 +162,7 @@ def test_terminal_report_and_errors(store):
 
 def test_steer_heatmaps_and_specificity(tmp_path):
     from icl_cli.report import build_report
-    from icl_cli.steer import SteerResult, write_h5
+    from icl_cli.steer.heatmaps import SteerResult, write_h5
 
     nll = torch.tensor([[0.5, 2.0, 1.5, 2.0],   # task a: feature 10 halves its loss
                         [1.0, 0.8, 1.0, 1.0],   # task b: feature 11 lowers its loss by 20%
@@ -189,7 +189,7 @@ def test_steer_heatmaps_and_specificity(tmp_path):
 
 
 def _steer_art(s, mode="executor", ids=(10, 11)):
-    from icl_cli.steer import SteerResult, write_h5
+    from icl_cli.steer.heatmaps import SteerResult, write_h5
 
     sel = {"a": [ids[0]], "b": [ids[1]]}
     r = SteerResult(mode, 2, "toy-icl", ["a", "b"], list(ids), torch.ones(2, 2), torch.zeros(2, 2), torch.ones(2),
@@ -203,12 +203,12 @@ def _steer_art(s, mode="executor", ids=(10, 11)):
 
 
 def test_ablate_mass_cross_task_and_link(tmp_path):
-    from icl_cli.ablate import AblateParams, AblateResult
-    from icl_cli.ablate import write_h5 as write_ablate
-    from icl_cli.ablate_link import LinkResult
-    from icl_cli.ablate_link import write_h5 as write_link
-    from icl_cli.ablate_mass import MassResult
-    from icl_cli.ablate_mass import write_h5 as write_mass
+    from icl_cli.ablate.feature_ablation import AblateParams, AblateResult
+    from icl_cli.ablate.feature_ablation import write_h5 as write_ablate
+    from icl_cli.ablate.link import LinkResult
+    from icl_cli.ablate.link import write_h5 as write_link
+    from icl_cli.ablate.mass import MassResult
+    from icl_cli.ablate.mass import write_h5 as write_mass
     from icl_cli.report import build_report
 
     s = Store(tmp_path / "store")

@@ -112,7 +112,7 @@ def _assembled(store: Store, key: str, step: str, n: int):
 
 
 def test_collect_shards_assemble_to_the_unsharded_artifact(runs, tiny_toy_dir, tmp_path, monkeypatch):
-    import icl_cli.collect as collect
+    import icl_cli.collect.vectors as collect
 
     for n in (2, 3):
         two = tmp_path / f"s{n}"
@@ -151,7 +151,7 @@ def _two_stores_with(runs, tmp_path, *keys_of):
 
 
 def test_clean_shards_assemble_to_the_unsharded_artifact(runs, tmp_path, monkeypatch):
-    import icl_cli.clean as clean
+    import icl_cli.clean.cleaning as clean
 
     sae_key = runs["one"].get(runs["clean"]).inputs["sae"]
     two = _two_stores_with(runs, tmp_path, runs["tv"], sae_key)
@@ -169,7 +169,7 @@ def test_clean_shards_assemble_to_the_unsharded_artifact(runs, tmp_path, monkeyp
 
 
 def test_steer_shards_assemble_to_the_unsharded_artifact(runs, tmp_path, monkeypatch):
-    import icl_cli.steer as steer
+    import icl_cli.steer.heatmaps as steer
 
     clean_art = runs["one"].get(runs["clean"])
     two = _two_stores_with(runs, tmp_path, runs["tv"], clean_art.inputs["sae"], runs["clean"])
@@ -189,7 +189,7 @@ def test_steer_shards_assemble_to_the_unsharded_artifact(runs, tmp_path, monkeyp
 
 
 def test_missing_shard_is_computed_alone(runs, tiny_toy_dir, tmp_path, monkeypatch):
-    import icl_cli.collect as collect
+    import icl_cli.collect.vectors as collect
 
     two = tmp_path / "two"
     _invoke(two, "-q", *_collect(tiny_toy_dir), "--shard", "1/3")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from icl_cli.core import threads
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 @pytest.fixture

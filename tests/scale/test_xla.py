@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from icl_cli.core.models import resolve_device, resolve_dtype
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 XLA_MODULES = ("torch_xla", "torch_xla.core", "torch_xla.core.xla_model")
 

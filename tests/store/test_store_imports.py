@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store import imports
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store import StepSpec
 from icl_cli.store.staging import publish
 

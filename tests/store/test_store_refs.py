@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.store import StepSpec, compute_key
 
 

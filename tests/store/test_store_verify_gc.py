@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from icl_cli.errors import IntegrityError
+from icl_cli.core.errors import IntegrityError
 
 
 def _flip_one_byte(path):

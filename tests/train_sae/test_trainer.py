@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sae_helpers import tiny_lm  # noqa: E402
 
-from icl_cli.errors import IclError  # noqa: E402
+from icl_cli.core.errors import IclError  # noqa: E402
 from icl_cli.train_sae import checkpoint as ckpt  # noqa: E402
 from icl_cli.train_sae.config import TrainConfig  # noqa: E402
 from icl_cli.train_sae.trainer import train_dictionaries  # noqa: E402

@@ -4,7 +4,7 @@ metadata file, measured by `icl zoo eval toy-icl`)."""
 import pytest
 import torch
 
-from icl_cli.collect import CollectParams, collect_task
+from icl_cli.collect.vectors import CollectParams, collect_task
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.metrics import correct
 from icl_cli.core.prompts import ROLES, sample_prompts

@@ -23,7 +23,7 @@ PAPER_MASS = {"executor": ("arrow", 89.8, 12), "detector": ("output", 96.8, 11)}
 
 def _feature_tasks(art) -> dict[int, str]:
     """feature id -> the first task that selects it, from the steer artifacts this one was made from."""
-    from icl_cli.ablate_sets import read_steer
+    from icl_cli.ablate.feature_sets import read_steer
 
     out: dict[int, str] = {}
     for key in art.inputs.values():
@@ -58,7 +58,7 @@ class AblateRenderer(Renderer):
 
     # ---- activation mass -----------------------------------------------------------------
     def _mass(self, art, out: Path | None) -> Section:
-        from icl_cli.ablate_mass import ROW_NAMES, read_h5
+        from icl_cli.ablate.mass import ROW_NAMES, read_h5
 
         r = read_h5(art.file("mass.h5"))
         what, mode = _what(art)
@@ -84,7 +84,7 @@ class AblateRenderer(Renderer):
 
     @staticmethod
     def _mass_figure(art, r, what: str, out: Path) -> Figure:
-        from icl_cli.ablate_mass import ROW_NAMES
+        from icl_cli.ablate.mass import ROW_NAMES
 
         from icl_cli.report.figures import plt, save, task_label
 
@@ -114,7 +114,7 @@ class AblateRenderer(Renderer):
 
     # ---- feature-set ablation (the cross-task matrix) -------------------------------------
     def _features(self, art, out: Path | None) -> Section:
-        from icl_cli.ablate import read_h5
+        from icl_cli.ablate.feature_ablation import read_h5
 
         r = read_h5(art.file("ablate.h5"))
         what, _ = _what(art)
@@ -173,7 +173,7 @@ class AblateRenderer(Renderer):
 
     # ---- detector → executor link ----------------------------------------------------------
     def _link(self, art, out: Path | None) -> Section:
-        from icl_cli.ablate_link import read_h5
+        from icl_cli.ablate.link import read_h5
 
         r, attrs = read_h5(art.file("link.h5"))
         ratio = r.ratio.numpy()

@@ -41,7 +41,7 @@ def sweep_points(results: dict) -> tuple[list[float], np.ndarray] | None:
 @register("clean")
 class CleanRenderer(Renderer):
     def build(self, art, out: Path | None) -> Section:
-        from icl_cli.clean_io import flag_note, l1_text, read_h5, read_meta, summary_json
+        from icl_cli.clean.artifact import flag_note, l1_text, read_h5, read_meta, summary_json
 
         layer, results = read_h5(art.file("clean.h5"))
         data = summary_json(art.key, layer, results, read_meta(art.file("clean.h5")))

@@ -21,7 +21,7 @@ MAX_COLUMNS = 60
 @register("steer")
 class SteerRenderer(Renderer):
     def build(self, art, out: Path | None) -> Section:
-        from icl_cli.steer import read_h5, summary_json
+        from icl_cli.steer.heatmaps import read_h5, summary_json
 
         r = read_h5(art.file("steer.h5"))
         data = summary_json(art.key, r)
@@ -47,7 +47,7 @@ class SteerRenderer(Renderer):
                 "paper": "executors are task-specific: the row-normalised heatmap is close to diagonal (qualitative, Fig. 4)"
                          if r.mode == "executor" else "steering with a detector at its output token (layer 11, s = 25) "
                                                       "triggers its task in a 0-shot prompt (qualitative)"}]
-        from icl_cli.steer_view import heatmap_tables
+        from icl_cli.steer.view import heatmap_tables
 
         sec.terminal += heatmap_tables(r, art.key, normalise=True)
         if out is not None and r.features and len(r.tasks):
@@ -58,8 +58,8 @@ class SteerRenderer(Renderer):
     @staticmethod
     def _heatmap(art, r, out: Path, normalise: bool) -> Figure:
         from icl_cli.report.figures import heatmap, outline, plt, save, task_label
-        from icl_cli.steer import normalise_rows
-        from icl_cli.steer_view import column_order
+        from icl_cli.steer.heatmaps import normalise_rows
+        from icl_cli.steer.view import column_order
 
         p = plt()
         cols = column_order(r.effect, MAX_COLUMNS)
@@ -91,7 +91,7 @@ class SteerRenderer(Renderer):
                       f"Outlined: the task's {what}.", files)
 
     def _negative(self, art, r, data, out: Path | None) -> Section:
-        from icl_cli.steer_view import negative_table
+        from icl_cli.steer.view import negative_table
 
         summary = {k: data[k] for k in ("mode", "layer", "tasks", "scales", "base_acc", "acc", "base_nll", "nll")}
         sec = Section(art.key, art.step, f"Negative steering at resid_pre[{r.layer}]", summary)

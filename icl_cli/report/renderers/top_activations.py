@@ -11,7 +11,7 @@ from icl_cli.report.base import Renderer, Section, register
 class TopActivationsRenderer(Renderer):
     def build(self, art, out: Path | None) -> Section:
         from icl_cli.report.contexts import feature_contexts
-        from icl_cli.top_activations import read_h5
+        from icl_cli.collect.top_activations import read_h5
 
         feats, _ = read_h5(art.file("top_activations.h5"))
         found = feature_contexts(art.store, art.inputs.get("sae"), feats, n_rows=art.params.get("n_top", 10)) if art.inputs.get("sae") else {}

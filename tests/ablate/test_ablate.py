@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icl_cli.ablate import AblateParams, few_shot_prompts, run_ablation
-from icl_cli.ablate_link import run_link
-from icl_cli.ablate_mass import MassResult, set_mass
+from icl_cli.ablate.feature_ablation import AblateParams, few_shot_prompts, run_ablation
+from icl_cli.ablate.link import run_link
+from icl_cli.ablate.mass import MassResult, set_mass
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import Prompt
 from icl_cli.core.sites import HookedModel
@@ -274,7 +274,7 @@ def test_own_and_other_pairs(tiny_lm, task):
 
 
 def test_own_worst_share_counts_columns_whose_own_row_is_largest():
-    from icl_cli.ablate import AblateResult, own_worst_share
+    from icl_cli.ablate.feature_ablation import AblateResult, own_worst_share
 
     nan = float("nan")
     base = torch.tensor([1.0, 2.0, 3.0])

@@ -27,16 +27,16 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.collect import task_split
+from icl_cli.collect.vectors import task_split
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.prompts import DUMMY_PAIR, Prompt, sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.steering import BaseCache, run_answers, scores, steered_answers
 from icl_cli.core.metrics import nll
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
-from icl_cli.pursuit import pursuit_vector
-from icl_cli.clean_io import (FORMAT_VERSION, CleanParams, CleanResult, read_h5, read_meta,  # noqa: F401 (re-exported)
+from icl_cli.core.errors import IclError
+from icl_cli.clean.pursuit import pursuit_vector
+from icl_cli.clean.artifact import (FORMAT_VERSION, CleanParams, CleanResult, read_h5, read_meta,  # noqa: F401 (re-exported)
                               summary_json, write_h5)
 
 METHODS = ("zero_shot", "tv", "recon", "cleaned", "ito_5", "ito_20")

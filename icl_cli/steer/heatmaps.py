@@ -32,7 +32,7 @@ HDF5 layout (``steer.h5``)::
     scales [S] nll [T,S] acc [T,S] float32, base_nll [T] base_acc [T]         (negative)
     kept/<task>, selected/<task> int64
 
-Reading and writing it: :mod:`icl_cli.steer_io` (re-exported here: ``read_h5``, ``write_h5``,
+Reading and writing it: :mod:`icl_cli.steer.artifact` (re-exported here: ``read_h5``, ``write_h5``,
 ``SteerResult``).
 """
 
@@ -45,17 +45,17 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.clean import _prompts as heldout_prompts
-from icl_cli.clean import steer_mask
-from icl_cli.collect import task_split
+from icl_cli.clean.cleaning import _prompts as heldout_prompts
+from icl_cli.clean.cleaning import steer_mask
+from icl_cli.collect.vectors import task_split
 from icl_cli.core.batch import PromptBatch
 from icl_cli.core.metrics import correct, nll_per_prompt
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.steering import BaseCache, answer_logits, run_answers, scores, steered_answers  # noqa: F401 (answer_logits re-exported)
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
-from icl_cli.steer_io import (Cells, SteerResult, load_cells, merge_rows, read_h5, save_cells,  # noqa: F401 (re-exported)
+from icl_cli.core.errors import IclError
+from icl_cli.steer.artifact import (Cells, SteerResult, load_cells, merge_rows, read_h5, save_cells,  # noqa: F401 (re-exported)
                               task_rows, write_h5)
 
 FORMAT_VERSION = 1

@@ -25,13 +25,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.collect import sae_site, task_split
+from icl_cli.collect.vectors import sae_site, task_split
 from icl_cli.core.batch import PromptBatch, encode_prompts
 from icl_cli.core.metrics import all_pairs_logprob, correct, nll_per_prompt
 from icl_cli.core.prompts import ROLES, Prompt, get_template, sample_prompts
 from icl_cli.core.sites import Edit, HookedModel, Site
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 ROLE_CHOICES = ROLES + ("all",)
@@ -176,7 +176,7 @@ def ablation_edits(saes: Mapping[str, object], chosen: Mapping[str, Sequence[int
 def mean_activations(hm: HookedModel, tokenizer, prompt_sets: Sequence[Sequence[Prompt]], saes: Mapping[str, object],
                      device=None) -> dict[str, Tensor]:
     """Dictionary key -> [1 + len(ROLES), d_sae]: mean clean activation per token role (a′ of mode mean)."""
-    from icl_cli.collect import role_mass
+    from icl_cli.collect.vectors import role_mass
 
     out = {}
     for key, sae in saes.items():

@@ -10,8 +10,8 @@ from icl_cli.core.prompts import DUMMY_PAIR
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.errors import IclError
-from icl_cli.steer import (PromptSource, SteerParams, SteerResult, heatmap_prompts, heatmap_task, negative_prompts,
+from icl_cli.core.errors import IclError
+from icl_cli.steer.heatmaps import (PromptSource, SteerParams, SteerResult, heatmap_prompts, heatmap_task, negative_prompts,
                            negative_task, normalise_rows, read_h5, relative_effect, run_steer, select_executors,
                            specificity, summary_json, unit_directions, write_h5)
 
@@ -111,7 +111,7 @@ def test_negative_steering_scale_zero_is_the_unsteered_run_and_scales_match_manu
     d = _dir(sae, 2) + _dir(sae, 9)
     d = d / d.norm()
     p = SteerParams(mode="negative", scales=(0.0, 4.0), n_prompts=5, batch_size=7)
-    from icl_cli.steer import task_direction
+    from icl_cli.steer.heatmaps import task_direction
 
     cells = negative_task(hm, tok, task, LAYER, task_direction(unit_directions(sae, feats)), p, SRC)
     prompts = negative_prompts(task, 5, SRC)
@@ -196,7 +196,7 @@ def test_run_steer_resumes_and_the_artifact_round_trips(tiny_lm, sae, tmp_path):
 @pytest.mark.parametrize("family", ["gemma", "gemma2", "llama", "mistral", "qwen2", "phi3", "gpt2"])
 def test_answer_logits_equal_the_models_own_logits(family):
     from icl_cli.core.sites import Site
-    from icl_cli.steer import answer_logits
+    from icl_cli.steer.heatmaps import answer_logits
     from tests.core.tiny_models import tiny_model
 
     model = tiny_model(family)
@@ -216,7 +216,7 @@ def test_answer_logits_equal_the_models_own_logits(family):
 
 
 def test_heatmap_columns_keep_every_tasks_best_feature_and_group_them():
-    from icl_cli.steer_view import column_order
+    from icl_cli.steer.view import column_order
 
     eff = torch.tensor([[0.1, 0.0, 0.9, 0.8, 0.0], [0.05, 0.3, 0.0, 0.0, 0.7], [0.2, 0.0, 0.0, 0.0, 0.0]])
     # the best features are 2 (row 0), 4 (row 1), 0 (row 2); one more column: the next largest, 3

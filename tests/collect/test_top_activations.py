@@ -7,7 +7,7 @@ import torch
 
 from icl_cli.core.sites import HookedModel, Site
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.top_activations import TopParams, contexts, top_activations
+from icl_cli.collect.top_activations import TopParams, contexts, top_activations
 from icl_cli.train_sae.data import text_stream, token_chunks
 
 

@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from icl_cli.clean import CleanParams, clean_task
-from icl_cli.collect import CollectParams, collect_task, task_split
+from icl_cli.clean.cleaning import CleanParams, clean_task
+from icl_cli.collect.vectors import CollectParams, collect_task, task_split
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 LAYER = 1
 GRID = (3.0, 0.3, 0.03, 0.0)
@@ -126,7 +126,7 @@ def test_auto_without_a_passing_lambda_takes_the_lowest_validation_nll(tiny_lm, 
 
 
 def test_auto_needs_validation_queries(tiny_lm, env):
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     hm, task, cp, v, sae = env
     train, _ = task_split(task, cp.n_eval, cp.seed)
@@ -135,7 +135,7 @@ def test_auto_needs_validation_queries(tiny_lm, env):
 
 
 def test_params_name_the_bad_option():
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     for kw, option in ((dict(l1=-1.0), "--l1"), (dict(l1_tolerance=-0.1), "--l1-tolerance"), (dict(l1_slack=-1.0), "--l1-slack"), (dict(n_val=0), "--n-val"),
                        (dict(lr=0.0), "--lr"), (dict(sweep_l1=(-1.0,)), "--sweep-l1"), (dict(l1_grid=()), "--l1-grid")):
@@ -185,7 +185,7 @@ def test_clean_cli_defaults_to_auto_and_keeps_explicit_values(tiny_toy_dir, tmp_
 
 
 def test_cleaning_stops_once_no_feature_is_left(tiny_lm, env):
-    from icl_cli.clean import clean_vector, steer_mask
+    from icl_cli.clean.cleaning import clean_vector, steer_mask
     from icl_cli.core.steering import BaseCache
 
     hm, task, cp, v, sae = env

@@ -16,8 +16,8 @@ from typing import NamedTuple
 import torch
 
 from icl_cli.core.sites import HookedModel, Site, add_at
-from icl_cli.errors import IclError
-from icl_cli.steer import unit_directions
+from icl_cli.core.errors import IclError
+from icl_cli.steer.heatmaps import unit_directions
 
 WHERE = ("last", "all")
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from icl_cli.errors import IclError, IntegrityError
+from icl_cli.core.errors import IclError, IntegrityError
 from icl_cli.store import StepSpec
 
 PART_SUFFIX = ".part"

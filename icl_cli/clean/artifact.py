@@ -20,8 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from icl_cli.collect_io import FLAGS, SHORT, SOLVED_NLL, flag_parts, flagged  # noqa: F401 (SHORT re-exported)
-from icl_cli.errors import IclError
+from icl_cli.collect.artifact import FLAGS, SHORT, SOLVED_NLL, flag_parts, flagged  # noqa: F401 (SHORT re-exported)
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 3  # 2: λ per task (--l1 auto), flags, SAE named; 3: each task's λ search starts at the grid's top, not at the previous task's λ
 BASE_METHODS = ("zero_shot", "tv", "recon")

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from icl_cli.collect import sae_site
+from icl_cli.collect.vectors import sae_site
 from icl_cli.core.sites import HookedModel
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 from icl_cli.train_sae.data import pad_batch, text_stream, token_chunks, token_mask
 
 FORMAT_VERSION = 1

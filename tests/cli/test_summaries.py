@@ -7,8 +7,8 @@ import io
 import pytest
 from rich.console import Console
 
-from icl_cli.clean_io import CleanResult, summary_json as clean_summary
-from icl_cli.collect_io import SOLVED_NLL, SweepResult, summary_json as collect_summary, task_flags
+from icl_cli.clean.artifact import CleanResult, summary_json as clean_summary
+from icl_cli.collect.artifact import SOLVED_NLL, SweepResult, summary_json as collect_summary, task_flags
 
 
 def _render(tables) -> str:

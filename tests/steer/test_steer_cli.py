@@ -42,8 +42,8 @@ def made(tiny_toy_dir, tmp_path_factory):
 
 
 def test_executor_heatmap_json_and_artifact(made):
-    from icl_cli.clean import read_h5 as read_clean
-    from icl_cli.steer import read_h5
+    from icl_cli.clean.cleaning import read_h5 as read_clean
+    from icl_cli.steer.heatmaps import read_h5
     from icl_cli.store import Store
 
     data = json.loads(made["ok"]("--json", "steer", "--clean", made["clean"][:8], "--n-prompts", "4", "--min-effect", "0.01"))

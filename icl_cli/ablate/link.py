@@ -23,11 +23,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.ablate import AblateParams, few_shot_prompts
+from icl_cli.ablate.feature_ablation import AblateParams, few_shot_prompts
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.sites import Edit, HookedModel, Site
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 REMOVALS = ("project", "feature", "steer")

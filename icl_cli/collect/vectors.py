@@ -34,8 +34,8 @@ from icl_cli.core.prompts import ROLES, sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site
 from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_answers
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
-from icl_cli.collect_io import (FORMAT_VERSION, SWEEP_METRICS, CollectParams, mass_percent,  # noqa: F401 (re-exported)
+from icl_cli.core.errors import IclError
+from icl_cli.collect.artifact import (FORMAT_VERSION, SWEEP_METRICS, CollectParams, mass_percent,  # noqa: F401 (re-exported)
                                summary_json, task_flags)
 
 @dataclass

@@ -1,5 +1,5 @@
 """The steer artifact (``steer.h5``) and a task's row, read and written (the layout is in
-:mod:`icl_cli.steer`'s docstring; :mod:`icl_cli.steer` re-exports these names).
+:mod:`icl_cli.steer.heatmaps`'s docstring; :mod:`icl_cli.steer.heatmaps` re-exports these names).
 
     r = read_h5(art.file("steer.h5"))     # SteerResult
     with st.h5("steer.h5") as f: write_h5(f, r)
@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 class Cells(NamedTuple):

@@ -2,7 +2,7 @@
 means, the summary).
 
 A reused `icl collect` or `icl clean` works from here, so it costs a file read and not a torch
-import. The compute side is :mod:`icl_cli.collect`, which re-exports these names.
+import. The compute side is :mod:`icl_cli.collect.vectors`, which re-exports these names.
 
 Flags (docs/METHODS.md §4) mark tasks whose numbers would distort means over tasks:
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from icl_cli.core.prompts import get_template
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 """Format of collect.h5 (in the artifact key)."""

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from icl_cli.clean import CleanParams, activation, clean_task, clean_vector, steer_mask
-from icl_cli.collect import CollectParams, collect_task
+from icl_cli.clean.cleaning import CleanParams, activation, clean_task, clean_vector, steer_mask
+from icl_cli.collect.vectors import CollectParams, collect_task
 from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.steering import BaseCache
@@ -45,7 +45,7 @@ def test_cleaning_only_shrinks_the_support_and_returns_the_min_l0(tiny_lm, setup
     torch.testing.assert_close(out.vector, sae.decode(out.acts))
     assert out.steps <= p.max_steps
     if arch == "topk":  # it starts from exactly the reconstruction's k features
-        from icl_cli.clean import initial_theta
+        from icl_cli.clean.cleaning import initial_theta
 
         torch.testing.assert_close(torch.relu(initial_theta(sae, v)), sae.encode(v))
 
@@ -124,7 +124,7 @@ def _sae_at(tmp_path, layer):
 
 
 def test_partial_results_round_trip(tmp_path, tiny_lm, setup):
-    from icl_cli.clean import CleanResult
+    from icl_cli.clean.cleaning import CleanResult
 
     hm, task, cp, r, sae = setup
     res = clean_task(hm, tiny_lm.tokenizer, sae, task, 1, r.tv[1], CleanParams(max_steps=3, patience=3), (cp.n_eval, cp.seed))
@@ -135,7 +135,7 @@ def test_partial_results_round_trip(tmp_path, tiny_lm, setup):
 
 
 def test_nan_loss_is_a_clear_error(tiny_lm, setup):
-    from icl_cli.errors import IclError
+    from icl_cli.core.errors import IclError
 
     hm, task, cp, r, sae = setup
     prompts = sample_prompts(task.pairs, 4, 0, seed=5)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import torch
 
-from icl_cli.pursuit import gradient_pursuit
+from icl_cli.clean.pursuit import gradient_pursuit
 
 
 def test_orthonormal_atoms_recover_a_sparse_nonnegative_signal_exactly():

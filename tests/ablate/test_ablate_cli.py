@@ -81,7 +81,7 @@ def _json(env, *args):
 def test_clean_kept_features_measured_on_collects_prompts(env):
     data = _json(env, "--features", env["clean"], "--roles", "arrow,output")
     assert data["tasks"] == TASKS and data["roles"] == ["arrow", "output"]
-    from icl_cli.collect import read_h5
+    from icl_cli.collect.vectors import read_h5
     from icl_cli.store import Store
 
     _, results = read_h5(Store(env["store"]).resolve(env["tv"]).file("collect.h5"))
@@ -113,7 +113,7 @@ def test_activation_mass_of_executors(env):
     assert data["tasks"]["en_fr"]["features"] == [4]
     assert data["paper"] == {"executors_arrow": 89.8, "detectors_output": 96.8}
     top = _json(env, "mass", "--features", env["clean"], "--top", "1")
-    from icl_cli.clean import read_h5
+    from icl_cli.clean.cleaning import read_h5
     from icl_cli.store import Store
 
     _, kept = read_h5(Store(env["store"]).resolve(env["clean"]).file("clean.h5"))

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 GIVEN = "given"
 _IDS_RE = re.compile(r"^\s*(\d+\s*:\s*)?\d+(\s*,\s*(\d+\s*:\s*)?\d+)*\s*,?\s*$")
@@ -178,7 +178,7 @@ def resolve_features(store, ref: str, sae_refs: Sequence[str] = (), which: str =
         sets = {t: {key: chosen.get(t, [])} for t in st.tasks}
         src = Source("steer", sets, {key: d}, {key: sae_art}, art, find_collect(store, art), st.mode)
     elif art.step == "clean":
-        from icl_cli.clean import read_h5
+        from icl_cli.clean.cleaning import read_h5
 
         _, results = read_h5(art.file("clean.h5"))
         key, d, sae_art = _input_sae(store, art)

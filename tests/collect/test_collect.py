@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from icl_cli.collect import CollectParams, collect_task, role_mass, task_split
+from icl_cli.collect.vectors import CollectParams, collect_task, role_mass, task_split
 from icl_cli.core.layers import parse_layers
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.metrics import nll_per_prompt
@@ -13,7 +13,7 @@ from icl_cli.core.prompts import sample_prompts
 from icl_cli.core.sites import HookedModel, Site, add_at
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 
 def test_parse_layers():
@@ -101,8 +101,8 @@ def test_collect_cli_json_reuse_and_errors(tiny_toy_dir, tmp_path):
 
 
 def test_interrupted_collect_resumes_from_finished_tasks(tiny_lm, tmp_path, monkeypatch):
-    import icl_cli.collect as collect_mod
-    from icl_cli.collect import run_collect
+    import icl_cli.collect.vectors as collect_mod
+    from icl_cli.collect.vectors import run_collect
     from icl_cli.core.tasks import resolve_tasks
 
     tasks = resolve_tasks("antonyms,en_es,algo_first")

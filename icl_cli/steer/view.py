@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from icl_cli.steer import SteerResult, normalise_rows, specificity
+from icl_cli.steer.heatmaps import SteerResult, normalise_rows, specificity
 
 SHADES = ("··", "░░", "▒▒", "▓▓", "██")
 STYLES = ("grey50", "red3", "red1", "orange1", "yellow1")

@@ -18,12 +18,12 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from icl_cli.ablate import AblateParams, few_shot_prompts
-from icl_cli.collect import mass_percent, role_mass
+from icl_cli.ablate.feature_ablation import AblateParams, few_shot_prompts
+from icl_cli.collect.vectors import mass_percent, role_mass
 from icl_cli.core.prompts import ROLES
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import Task
-from icl_cli.errors import IclError
+from icl_cli.core.errors import IclError
 
 FORMAT_VERSION = 1
 ROW_NAMES = ("none",) + ROLES
