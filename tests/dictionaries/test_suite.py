@@ -85,6 +85,14 @@ def gated_acts_by_hand(folder: Path, x: torch.Tensor) -> GatedByHand:
     return GatedByHand(pi, pi_err, magnitude, magnitude_err)
 
 
+def decode_by_hand(folder: Path, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a W_dec + b_dec in float64, its float32 rounding bound γ_{m+1}(|a||W_dec| + |b_dec|))."""
+    w = {k: v.double() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
+    a = a.double()
+    err = gamma(a.shape[-1] + 1) * (a.abs() @ w["W_dec"].abs() + w["b_dec"].abs())
+    return a @ w["W_dec"] + w["b_dec"], err
+
+
 def encoder_disagreements(ours: torch.Tensor, hand: GatedByHand) -> torch.Tensor:
     """[N, d_sae] True where a float32 encoder's output cannot be a rounding of the exact one.
 
@@ -159,16 +167,49 @@ def test_bundle_loads_and_gives_the_recorded_fvu(tmp_path, manifest, toy_lm):
     for e in manifest["dictionaries"]:
         s_in, s_out = io_sites(e["kind"], e["layer"])
         x, t = acts[s_in][keep].float(), acts[s_out][keep].float()
-        by_hand = gated_by_hand(BUNDLE / e["folder"], x)
+        folder = BUNDLE / e["folder"]
         ours = suite[(e["kind"], e["layer"])]
-        # float32 vs float64: a feature whose gate sits within rounding of 0 may flip on a rare token
-        close = torch.isclose(ours(x).double(), by_hand, atol=2e-4, rtol=1e-4).all(-1)
-        assert close.float().mean() >= 0.99, (e["folder"], close.float().mean())
-        got = fvu(t, by_hand)
+        assert ours.W_enc.dtype == torch.float32  # the rounding bounds below are float32's
+        # float32 vs float64: only a gate within rounding of its threshold may go either way
+        hand = gated_acts_by_hand(folder, x)
+        with torch.no_grad():
+            a = ours.encode(x)
+            x_hat = ours.decode(a)
+        assert not encoder_disagreements(a, hand).any(), e["folder"]
+        assert (hand.pi.abs() <= hand.pi_err).double().mean() < 0.05  # the bound is not vacuous
+        want, err = decode_by_hand(folder, a)
+        assert ((x_hat.double() - want).abs() <= err).all(), e["folder"]
+        got = fvu(t, gated_by_hand(folder, x))
         assert got == pytest.approx(e["check_fvu"], rel=1e-3, abs=1e-5), e["folder"]
         # (check_fvu is not compared with the training FVU: the check prompts are one task's
         # few-shot prompts, a narrower distribution than training's held-out tokens; on the shipped
         # transcoders the two differ by up to 4x with float32 and float16 weights alike)
+
+
+def test_the_rounding_bounds_still_catch_a_slightly_wrong_dictionary(manifest, toy_lm):
+    """The float32 bounds leave no room for a real error: a 1% change of one encoder weight, a gate
+    bias off by 1e-4 or a decoder bias off by 1e-3 is caught, while the intact dictionary passes."""
+    from icl_cli.dictionaries import load_dictionary
+
+    site = Site("resid_pre", 0)
+    acts, keep = check_acts(toy_lm, manifest["check"], {site})
+    x = acts[site][keep].float()
+    folder = BUNDLE / "resid.0"
+    hand = gated_acts_by_hand(folder, x)
+
+    def wrong_acts_and_outputs(plant) -> tuple[int, int]:
+        d = load_dictionary(folder)
+        with torch.no_grad():
+            plant(d)
+            a = d.encode(x)
+            x_hat = d.decode(a)
+        want, err = decode_by_hand(folder, a)
+        return int(encoder_disagreements(a, hand).sum()), int(((x_hat.double() - want).abs() > err).sum())
+
+    assert wrong_acts_and_outputs(lambda d: None) == (0, 0)
+    assert wrong_acts_and_outputs(lambda d: d.W_enc[0, 0].mul_(1.01))[0] > 0
+    assert wrong_acts_and_outputs(lambda d: d.b_gate.add_(1e-4))[0] > 0
+    assert wrong_acts_and_outputs(lambda d: d.b_dec[0].add_(1e-3))[1] > 0
 
 
 def test_bundle_loads_in_sae_lens(manifest):
@@ -182,10 +223,16 @@ def test_bundle_loads_in_sae_lens(manifest):
         theirs = sae_lens.SAE.load_from_disk(str(folder), dtype="float32")
         ours = load_dictionary(folder)
         x = torch.randn(64, theirs.cfg.d_in) * 3
-        a = theirs.encode(x)
+        hand = gated_acts_by_hand(folder, x)
+        with torch.no_grad():
+            a, a_ours = theirs.encode(x), ours.encode(x)
+            x_hat, x_hat_ours = theirs.decode(a), ours.decode(a)
         assert a.shape == (64, e["d_sae"]) and (a > 0).any()
-        torch.testing.assert_close(a, ours.encode(x), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(theirs.decode(a), ours.decode(a), atol=1e-4, rtol=1e-4)
+        # both are float32 roundings of one float64 encoder (a gate within rounding of its
+        # threshold may go either way in each) and of one decoder
+        assert not encoder_disagreements(a, hand).any() and not encoder_disagreements(a_ours, hand).any()
+        want, err = decode_by_hand(folder, a)
+        assert ((x_hat.double() - want).abs() <= err).all() and ((x_hat_ours.double() - want).abs() <= err).all()
 
 
 # ---- suites from a folder ----------------------------------------------------------------------
@@ -232,10 +279,15 @@ def test_folder_imports_into_the_store_with_lineage_and_names(tmp_path):
     by_name = load_suite("tiny", store)  # the imported suite by its name
     assert by_name.key == first.key and set(by_name) == set(first)
     assert store.resolve("tiny.attn.1").key == first.member_keys[("attn", 1)]
-    x = torch.randn(5, 32)
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     for k in first:
-        torch.testing.assert_close(by_name[k](x).double(), gated_by_hand(folder / f"{k[0]}.{k[1]}", x),
-                                   atol=1e-5, rtol=1e-5)
+        member = folder / f"{k[0]}.{k[1]}"
+        with torch.no_grad():
+            a = by_name[k].encode(x)
+            x_hat = by_name[k].decode(a)
+        assert not encoder_disagreements(a, gated_acts_by_hand(member, x)).any(), k
+        want, err = decode_by_hand(member, a)
+        assert ((x_hat.double() - want).abs() <= err).all(), k
 
 
 def test_bad_suites_are_one_line_errors(tmp_path):
