@@ -34,7 +34,7 @@ class SteerResult:
     model: str
     tasks: list[str]
     features: list[int]
-    nll: Tensor  # [T, F] (executor/detector) or [T, S] (negative)
+    nll: Tensor  # [T, F] (executor/detector) or [T, F, S] (negative)
     acc: Tensor  # same shape
     base_nll: Tensor  # [T]
     base_acc: Tensor  # [T]
@@ -45,6 +45,7 @@ class SteerResult:
     scales: Tensor | None = None  # [S]
     min_effect: float = float("nan")
     max_other: float = float("nan")
+    rule: str = "strict"  # executor rule (artifacts before format 2: strict)
 
 
 def save_cells(c: Cells, path) -> None:
@@ -79,6 +80,7 @@ def write_h5(f, r: SteerResult) -> None:
     f.attrs["model"] = r.model
     f.attrs["min_effect"] = r.min_effect
     f.attrs["max_other"] = r.max_other
+    f.attrs["rule"] = r.rule
     if r.mode != "negative":
         f.attrs["scale"] = r.scale
     f.create_dataset("tasks", data=r.tasks, dtype=h5py.string_dtype("utf-8"))
@@ -109,7 +111,8 @@ def read_h5(path) -> SteerResult:
                 kept={t: [int(x) for x in v[()]] for t, v in f["kept"].items()},
                 selected={t: [int(x) for x in v[()]] for t, v in f["selected"].items()},
                 scale=float(a.get("scale", float("nan"))), effect=get("effect"), scales=get("scales"),
-                min_effect=float(a.get("min_effect", float("nan"))), max_other=float(a.get("max_other", float("nan"))))
+                min_effect=float(a.get("min_effect", float("nan"))), max_other=float(a.get("max_other", float("nan"))),
+                rule=str(a.get("rule", "strict")))
     except (OSError, KeyError) as exc:
         raise IclError(f"{path} is not a readable steer artifact ({exc}); run `icl store verify`") from None
 

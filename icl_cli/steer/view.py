@@ -82,7 +82,8 @@ def heatmap_tables(r: SteerResult, key: str, normalise: bool = False, max_column
     foot = Text(f"{legend}   (underlined: the row's {what})\n", style="dim")
     heat = Group(head, heatmap_text(r.tasks, r.features, values, cols, r.selected), foot)
 
-    tab = Table(title=f"per task ({what}: effect ≥ {r.min_effect:g} on the task and ≤ {r.max_other:g}× that on every other task)")
+    others = "every task of another group" if r.rule == "group" else "every other task"
+    tab = Table(title=f"per task ({what}: effect ≥ {r.min_effect:g} on the task and ≤ {r.max_other:g}× that on {others})")
     for col in ("task", "base nll", "kept", "best feature", "effect", "own>others", what):
         tab.add_column(col, justify="left" if col in ("task", what, "best feature") else "right")
     spec = specificity(r.effect) if len(r.tasks) >= 2 else None
@@ -99,22 +100,35 @@ def heatmap_tables(r: SteerResult, key: str, normalise: bool = False, max_column
     return out
 
 
-def negative_table(r: SteerResult, key: str):
-    """nll / acc per task and scale, the unsteered few-shot run first."""
+def negative_table(r: SteerResult, key: str, max_columns: int = 60):
+    """The feature × task matrix of accuracy drops at the shown scale (SPEC §6), then the mean
+    accuracy over features by scale per task."""
+    from rich.console import Group
     from rich.table import Table
-
-    tab = Table(title=f"negative steering: −s·d_task at every arrow of few-shot prompts, resid_pre[{r.layer}]; "
-                      f"cells nll / acc; steer {key[:12]}")
-    tab.add_column("task")
-    tab.add_column("features", justify="right")
-    tab.add_column("s = 0", justify="right")
-    for s in r.scales.tolist():
-        tab.add_column(f"s = {s:.3g}", justify="right")
-    for i, t in enumerate(r.tasks):
-        cells = [f"{float(r.nll[i, k]):.2f} / {float(r.acc[i, k]):.2f}" for k in range(r.nll.shape[1])]
-        tab.add_row(t, str(len(r.selected.get(t, []))), f"{float(r.base_nll[i]):.2f} / {float(r.base_acc[i]):.2f}", *cells)
     from rich.text import Text
 
-    m = r.acc.mean(0).tolist()
-    return [tab, Text(f"mean acc over tasks: {float(r.base_acc.mean()):.2f} unsteered → "
-                      + ", ".join(f"{a:.2f}" for a in m) + " by scale")]
+    from icl_cli.steer.heatmaps import negative_drop, shown_scale
+
+    s = shown_scale(r)
+    drop = negative_drop(r, s)  # [F, T]
+    if len(r.features):
+        cols = column_order(drop.T.clamp(min=0), max(1, max_columns))
+        head = Text(f"negative steering: accuracy drop at every arrow (base − steered) with {s:.3g}·u_f subtracted at "
+                    f"the arrows of resid_pre[{r.layer}], one feature at a time; rows tasks, columns features "
+                    f"({len(cols)} of {len(r.features)}); steer {key[:12]}\n", style="bold")
+        legend = "  ".join(f"{c} {lab}" for c, lab in zip(SHADES, ("≤0", "<.25", "<.5", "<.75", "≥.75")))
+        heat = Group(head, heatmap_text(r.tasks, r.features, drop.T, cols, r.selected),
+                     Text(f"{legend}   (underlined: the features the row's task brought)\n", style="dim"))
+    else:
+        heat = Text("negative steering: no feature to subtract (every task's set is empty)\n", style="bold")
+    tab = Table(title="per task: accuracy at every arrow, unsteered and by scale (mean over the features)")
+    tab.add_column("task")
+    tab.add_column("own features", justify="right")
+    tab.add_column("s = 0", justify="right")
+    for sc in r.scales.tolist():
+        tab.add_column(f"s = {sc:.3g}", justify="right")
+    for i, t in enumerate(r.tasks):
+        by_scale = r.acc[i].mean(0) if len(r.features) else r.acc.new_full((len(r.scales),), float("nan"))
+        tab.add_row(t, str(len(r.selected.get(t, []))), f"{float(r.base_acc[i]):.2f}",
+                    *[f"{float(a):.2f}" for a in by_scale])
+    return [heat, tab]

@@ -16,7 +16,7 @@ from icl_cli.collect.vectors import CollectParams, collect_task
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import load_task
 from icl_cli.dictionaries.base import DictConfig, build
-from icl_cli.steer.heatmaps import PromptSource, SteerParams, negative_task, run_steer, task_direction
+from icl_cli.steer.heatmaps import PromptSource, SteerParams, negative_prompts, negative_task, run_steer
 
 
 def _sae(d_in=5, d_sae=4, seed=0):
@@ -105,31 +105,25 @@ def test_own_worst_share_by_hand():
     assert own_worst_share(falls) == pytest.approx(1.0)
 
 
-def test_task_direction_is_the_normalised_sum_of_unit_directions():
-    u = torch.tensor([[3.0, 4.0, 0.0]]) / 5.0
-    torch.testing.assert_close(task_direction(u), u[0])  # one feature: its own direction
-    two = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    torch.testing.assert_close(task_direction(two), torch.tensor([1.0, 1.0, 0.0]) / math.sqrt(2))
-    assert task_direction(torch.zeros(0, 3)) is None
-
-
 def test_negative_sweep_prompts_are_collects_few_shot_evaluation(tiny_lm):
-    """The negative sweep's unsteered loss is collect's held-out few-shot loss: same prompts."""
+    """The negative sweep's prompts are collect's held-out few-shot prompts: scored by the plain pass,
+    their query loss is collect's few-shot loss."""
+    from icl_cli.core.steering import plain_scores
+
     hm = HookedModel(tiny_lm.model)
     task = load_task("antonyms")
     cp = CollectParams(n_shot=3, n_prompts=2, n_eval=5, seed=4)
     res = collect_task(hm, tiny_lm.tokenizer, task, [1], cp)
     src = PromptSource(n_eval=5, seed=4, template=cp.template, n_first=cp.n_first, n_shot=3)
-    cells = negative_task(hm, tiny_lm.tokenizer, task, 1, None, SteerParams(mode="negative", n_prompts=5), src)
-    assert cells.base_nll == pytest.approx(res.sweep["few_shot_nll"], rel=1e-5)
-    other = negative_task(hm, tiny_lm.tokenizer, task, 1, None, SteerParams(mode="negative", n_prompts=5),
-                          src._replace(seed=5))
-    assert other.base_nll != pytest.approx(res.sweep["few_shot_nll"], rel=1e-5)  # the check can tell prompts apart
+    base = plain_scores(hm, tiny_lm.tokenizer, negative_prompts(task, 5, src), cp.n_first)
+    assert base.nll == pytest.approx(res.sweep["few_shot_nll"], rel=1e-5)
+    other = plain_scores(hm, tiny_lm.tokenizer, negative_prompts(task, 5, src._replace(seed=5)), cp.n_first)
+    assert other.nll != pytest.approx(res.sweep["few_shot_nll"], rel=1e-5)  # the check can tell prompts apart
 
 
-def test_negative_mode_subtracts_each_tasks_own_normalised_direction(tiny_lm):
-    """run_steer in negative mode: task t's row is the sweep with d_t = Σ_f W_dec[f]/‖W_dec[f]‖ over
-    t's features, normalised (written out here), and its feature sets are recorded as selected."""
+def test_negative_mode_subtracts_each_feature_of_the_union_on_every_task(tiny_lm):
+    """run_steer in negative mode: every feature of the union is subtracted on every task, each along
+    W_dec[f]/‖W_dec[f]‖ (written out here); the tasks' own sets are recorded as selected."""
     hm = HookedModel(tiny_lm.model)
     sae = _sae(d_in=tiny_lm.d_model, d_sae=12, seed=3)
     tasks = [load_task("antonyms"), load_task("en_fr")]
@@ -138,12 +132,13 @@ def test_negative_mode_subtracts_each_tasks_own_normalised_direction(tiny_lm):
     p = SteerParams(mode="negative", n_prompts=4, scales=(0.0, 6.0))
     res = run_steer(hm, tiny_lm.tokenizer, tasks, 1, sae, p, src, [1, 4, 7], own, task_features=own)
     assert res.selected == own and res.scales.tolist() == [0.0, 6.0]
+    assert tuple(res.nll.shape) == (2, 3, 2)
+    units = []
+    for f in (1, 4, 7):
+        w = sae.W_dec[f].float()
+        units.append(w / math.sqrt(float((w * w).sum())))
+    units = torch.stack(units)
     for i, t in enumerate(tasks):
-        total = torch.zeros(tiny_lm.d_model)
-        for f in own[t.name]:
-            w = sae.W_dec[f].float()
-            total += w / math.sqrt(float((w * w).sum()))
-        d = total / math.sqrt(float((total * total).sum()))
-        cells = negative_task(hm, tiny_lm.tokenizer, t, 1, d, p, src)
+        cells = negative_task(hm, tiny_lm.tokenizer, t, 1, units, p, src)
         torch.testing.assert_close(res.nll[i], cells.nll, rtol=1e-5, atol=1e-6)
-        assert float(res.nll[i, 1]) != pytest.approx(float(res.nll[i, 0]))  # the sweep moves the loss
+        assert float(res.nll[i, 2, 1]) != pytest.approx(float(res.nll[i, 2, 0]))  # the sweep moves the loss

@@ -103,32 +103,75 @@ def test_detector_cells_steer_the_dummy_output_token(tiny_lm, sae):
         assert float(cells.nll[k]) == pytest.approx(sum(manual) / len(manual), abs=1e-5)
 
 
-def test_negative_steering_scale_zero_is_the_unsteered_run_and_scales_match_manual(tiny_lm, sae):
+def _manual_arrow_scores(model, tokenizer, text: str, arrows: list[int], v: torch.Tensor) -> tuple[float, float]:
+    """(nll, acc) of the token after every arrow, averaged over the arrows, with v added to the input
+    of block LAYER at every arrow; one prompt, no padding, plain HF."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+
+    def hook(module, args, kwargs):
+        h = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
+        for a in arrows:
+            h[0, a] += v
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": h}
+        return (h, *args[1:]), kwargs
+
+    handle = _block(model, LAYER).register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+    finally:
+        handle.remove()
+    nll = [-torch.log_softmax(logits[a], -1)[ids[0, a + 1]].item() for a in arrows]
+    hit = [float(int(logits[a].argmax()) == int(ids[0, a + 1])) for a in arrows]
+    return sum(nll) / len(nll), sum(hit) / len(hit)
+
+
+def test_negative_steering_subtracts_each_feature_at_every_arrow_and_scores_every_arrow(tiny_lm, sae):
+    """SPEC §6: per feature f and scale s, −s·u_f at every arrow of few-shot prompts; nll and accuracy
+    of the next token at every arrow. Written out with plain HF hooks, one prompt at a time."""
     hm = HookedModel(tiny_lm.model)
     task = load_task("antonyms")
     tok = tiny_lm.tokenizer
     feats = [2, 9]
-    d = _dir(sae, 2) + _dir(sae, 9)
-    d = d / d.norm()
-    p = SteerParams(mode="negative", scales=(0.0, 4.0), n_prompts=5, batch_size=7)
-    from icl_cli.steer.heatmaps import task_direction
-
-    cells = negative_task(hm, tok, task, LAYER, task_direction(unit_directions(sae, feats)), p, SRC)
+    p = SteerParams(mode="negative", scales=(0.0, 4.0, 9.0), n_prompts=5, batch_size=7)
+    cells = negative_task(hm, tok, task, LAYER, unit_directions(sae, feats), p, SRC)
+    assert cells.nll.shape == (2, 3) and cells.acc.shape == (2, 3)
     prompts = negative_prompts(task, 5, SRC)
     arrow_id = tok.convert_tokens_to_ids("->")
-    plain, steered = [], []
-    for pr in prompts:
-        assert len(pr.examples) == SRC.n_shot
-        ids = tok(pr.text).input_ids
-        arrows = [i for i, t in enumerate(ids) if t == arrow_id]
-        assert len(arrows) == SRC.n_shot + 1
-        plain.append(_manual_nll(tiny_lm.model, tok, pr.text, pr.query[1], {}))
-        steered.append(_manual_nll(tiny_lm.model, tok, pr.text, pr.query[1], {a: -4.0 * d for a in arrows}))
-    assert float(cells.nll[0]) == pytest.approx(sum(plain) / 5, abs=1e-5)
-    assert float(cells.nll[0]) == pytest.approx(cells.base_nll, abs=1e-6)
-    assert float(cells.acc[0]) == cells.base_acc
-    assert float(cells.nll[1]) == pytest.approx(sum(steered) / 5, abs=1e-5)
-    assert abs(float(cells.nll[1]) - cells.base_nll) > 1e-4
+    for k, f in enumerate(feats):
+        for j, s in enumerate(p.scales):
+            nll, acc = [], []
+            for pr in prompts:
+                ids = tok(pr.text).input_ids
+                arrows = [i for i, x in enumerate(ids) if x == arrow_id]
+                assert len(arrows) == SRC.n_shot + 1  # every example's arrow and the query's
+                a, b = _manual_arrow_scores(tiny_lm.model, tok, pr.text, arrows, -s * _dir(sae, f))
+                nll.append(a)
+                acc.append(b)
+            assert float(cells.nll[k, j]) == pytest.approx(sum(nll) / 5, abs=1e-5), (f, s)
+            assert float(cells.acc[k, j]) == pytest.approx(sum(acc) / 5, abs=1e-6), (f, s)
+            if s == 0:
+                assert cells.base_nll == pytest.approx(sum(nll) / 5, abs=1e-5)
+    assert abs(float(cells.nll[0, 2]) - cells.base_nll) > 1e-4  # the sweep moves the loss
+    assert float(cells.nll[0, 2]) != pytest.approx(float(cells.nll[1, 2]), abs=1e-5)  # per feature, not one direction
+
+
+def test_executor_rule_compares_other_groups_only_unless_strict():
+    """Rule ``group`` (SPEC §8): a feature shared by two translation tasks is an executor of both;
+    ``strict`` (every other task) rejects it. A feature as strong on another group's task is rejected by both."""
+    tasks = ["en_es", "en_fr", "antonyms"]
+    groups = {"en_es": "translation", "en_fr": "translation", "antonyms": "linguistic"}
+    eff = torch.tensor([[0.6, 0.5, 0.0],    # en_es
+                        [0.55, 0.0, 0.0],   # en_fr
+                        [0.0, 0.45, 0.3]])  # antonyms
+    feats = [100, 101, 102]
+    group = select_executors(eff, tasks, feats, 0.2, 0.5, groups)
+    strict = select_executors(eff, tasks, feats, 0.2, 0.5)
+    # f100 helps en_es and en_fr (same group): shared executor under group, rejected under strict
+    assert group == {"en_es": [100], "en_fr": [100], "antonyms": [102]}
+    # f101: 0.5 on en_es and 0.45 on antonyms (another group, 0.9 of it) → rejected by both rules
+    assert strict == {"en_es": [], "en_fr": [], "antonyms": [102]}
 
 
 def test_relative_effect_rule_and_specificity_by_hand():

@@ -91,34 +91,63 @@ class SteerRenderer(Renderer):
                       f"Outlined: the task's {what}.", files)
 
     def _negative(self, art, r, data, out: Path | None) -> Section:
-        from icl_cli.steer.view import negative_table
+        from icl_cli.steer.heatmaps import negative_drop, shown_scale
+        from icl_cli.steer.view import column_order, negative_table
 
-        summary = {k: data[k] for k in ("mode", "layer", "tasks", "scales", "base_acc", "acc", "base_nll", "nll")}
-        sec = Section(art.key, art.step, f"Negative steering at resid_pre[{r.layer}]", summary)
-        acc = r.acc.numpy()
-        sec.notes.append(f"Mean accuracy of few-shot prompts {float(r.base_acc.mean()):.2f} unsteered → "
-                         f"{float(acc[:, -1].mean()):.2f} with the task direction subtracted at scale {float(r.scales[-1]):g}.")
-        sec.terminal.append(negative_table(r, art.key))
+        summary = {k: data[k] for k in ("mode", "layer", "tasks", "features", "scales", "shown_scale", "base_acc",
+                                        "base_nll", "acc_drop")}
+        sec = Section(art.key, art.step, f"Negative steering at resid_pre[{r.layer}], one feature at a time", summary)
+        s = shown_scale(r)
+        sec.terminal += negative_table(r, art.key)
+        if not r.features:
+            sec.notes.append("No feature was subtracted: every task's feature set is empty.")
+            return sec
+        drop = negative_drop(r, s)  # [F, T]
+        own = [[f in r.selected.get(t, []) for t in r.tasks] for f in r.features]
+        own_t = np.array(own)  # [F, T]
+        d = drop.numpy()
+        mean_own = float(d[own_t].mean()) if own_t.any() else float("nan")
+        mean_other = float(d[~own_t].mean()) if (~own_t).any() else float("nan")
+        sec.notes.append(f"{len(r.features)} features × {len(r.tasks)} tasks, each feature's direction subtracted at every "
+                         f"arrow of few-shot prompts; at scale {s:.3g} the accuracy at the arrows drops by {mean_own:+.3f} "
+                         f"on average where the feature is the task's own and {mean_other:+.3f} elsewhere.")
         if out is not None:
-            from icl_cli.report.figures import plain_log_axis, plt, save
+            from icl_cli.report.figures import heatmap, outline, plain_log_axis, plt, save, task_label
 
             p = plt()
-            fig, axes = p.subplots(1, 2, figsize=(10, 3.8))
-            s = np.concatenate([[0.0], r.scales.numpy()])
-            for ax, m, base, unit in ((axes[0], r.acc.numpy(), r.base_acc.numpy(), "first-token accuracy"),
-                                      (axes[1], r.nll.numpy(), r.base_nll.numpy(), "nll of the answer (nats)")):
-                full = np.concatenate([base[:, None], m], 1)
-                for row in full:
-                    ax.plot(s[1:], row[1:], color="tab:blue", alpha=0.2, lw=0.8)
-                ax.plot(s[1:], full[:, 1:].mean(0), color="tab:blue", lw=2.2, marker="o", label="mean over tasks")
-                ax.axhline(full[:, 0].mean(), color="tab:green", ls=":", label="unsteered")
-                plain_log_axis(ax, "x")
-                ax.set_xlabel("scale s of the subtracted task direction")
-                ax.set_ylabel(unit)
-            axes[0].legend()
-            fig.suptitle(f"Negative steering: −s·d_task at every arrow of few-shot prompts, resid_pre[{r.layer}] (thin: each task)")
+            cols = column_order(drop.T.clamp(min=0), MAX_COLUMNS)
+            rows = [task_label(t) for t in r.tasks]
+            values = drop.T[:, cols].numpy()
+            lim = max(float(np.abs(values).max()), 1e-6)
+            width = 2.2 + 0.075 * max(len(x) for x in rows) + 0.2 * len(cols) + 1.0
+            fig, ax = p.subplots(figsize=(max(width, 6), max(2.8, 1.6 + 0.3 * len(rows))))
+            heatmap(ax, values, rows, [str(r.features[j]) for j in cols], cmap="RdBu_r", vmin=-lim, vmax=lim,
+                    cbar="accuracy drop at the arrows", annotate=len(cols) <= 14 and len(rows) <= 24, xrotation=90)
+            for i, t in enumerate(r.tasks):
+                for k, j in enumerate(cols):
+                    if own[j][i]:
+                        outline(ax, i, k, "black")
+            ax.set_xlabel("SAE feature id (outlined: a feature the row's task brought)")
+            ax.set_title(f"Negative steering: −{s:.3g}·u_f at every arrow, resid_pre[{r.layer}]")
             fig.tight_layout()
             files = save(fig, out, f"steer-{art.key[:8]}-negative")
-            sec.figures.append(Figure("Negative steering", "Few-shot accuracy and loss as the task's direction is subtracted "
-                                      "at every arrow with growing scale (SPEC §6).", files))
+            sec.figures.append(Figure("Negative steering, feature × task", f"Accuracy drop of the next token at every arrow "
+                                      f"of few-shot prompts when one feature's direction is subtracted at scale {s:.3g} "
+                                      f"(SPEC §6); red: the task gets worse. Outlined: the task's own features.", files))
+            fig, ax = p.subplots(figsize=(6.5, 3.6))
+            acc = r.acc.numpy()  # [T, F, S]
+            sc = r.scales.numpy()
+            own_curve = np.array([acc[:, :, k][own_t.T].mean() if own_t.any() else np.nan for k in range(len(sc))])
+            other_curve = np.array([acc[:, :, k][~own_t.T].mean() if (~own_t).any() else np.nan for k in range(len(sc))])
+            ax.plot(sc, own_curve, marker="o", color="tab:red", label="own task's features")
+            ax.plot(sc, other_curve, marker="o", color="tab:blue", label="other tasks' features")
+            ax.axhline(float(r.base_acc.mean()), color="tab:green", ls=":", label="unsteered")
+            plain_log_axis(ax, "x")
+            ax.set_xlabel("scale s of the subtracted feature direction")
+            ax.set_ylabel("accuracy at every arrow")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            files = save(fig, out, f"steer-{art.key[:8]}-negative-scales")
+            sec.figures.append(Figure("Negative steering by scale", "Mean accuracy at the arrows as one feature is "
+                                      "subtracted with growing scale, the task's own features against the others'.", files))
         return sec
