@@ -44,10 +44,9 @@ def parse_specs(specs: list[str]) -> tuple[str | None, dict[Key, str]]:
 
 def _load_one(store, ref: str):
     """(Dictionary, store key) of an artifact, folder or file."""
-    from icl_cli.cli.common import maybe_artifact
     from icl_cli.dictionaries.io import load_dictionary
 
-    art = maybe_artifact(store, ref)
+    art = store.find(ref)
     if art is None and Path(ref).exists():
         art = store.import_path(ref, "sae").artifact
     if art is None:
@@ -57,7 +56,7 @@ def _load_one(store, ref: str):
 
 def check_dict(d, key: Key, model: str, d_model: int, fingerprint: str | None) -> None:
     """Step 3 for one dictionary."""
-    from icl_cli.cli.clean_cmd import same_model
+    from icl_cli.core.models import same_model
 
     c, (kind, layer) = d.cfg, key
     if c.d_in != d_model or c.d_out != d_model:

@@ -50,7 +50,7 @@ def _setup(gl, sources: list, tasks: Optional[str], n_shot: Optional[int], n_pro
     """Tasks, prompt settings and model shared by every subcommand, checked against the sources."""
     from icl_cli.ablate.feature_ablation import AblateParams
     from icl_cli.ablate.feature_sets import GIVEN
-    from icl_cli.cli.clean_cmd import same_model
+    from icl_cli.core.models import same_model
     from icl_cli.core.identity import model_info, tasks_digest
     from icl_cli.core.models import resolve_device, resolve_dtype
     from icl_cli.core.tasks import resolve_tasks
@@ -284,17 +284,20 @@ def mass_cmd(
 def _mass_table(data: dict):
     from rich.table import Table
 
-    roles = list(data["percent"])
-    tab = Table(title=f"activation mass of {data['set']} by token role (%); ablate {data['key'][:12]}")
+    roles = list(data["per_feature_percent"])
+    tab = Table(title=f"activation mass of {data['set']} by token role (%): each task's best feature; ablate {data['key'][:12]}")
     tab.add_column("task")
-    tab.add_column("features", justify="left")
+    tab.add_column("best (of set)", justify="left")
     for role in roles:
         tab.add_column(role, justify="right")
     for t, r in data["tasks"].items():
-        feats = ",".join(map(str, r["features"][:6])) + (",…" if len(r["features"]) > 6 else "")
-        tab.add_row(t, feats, *(f"{r['percent'][role]:.1f}" for role in roles))
-    tab.add_row("all tasks", "", *(f"{data['percent'][role]:.1f}" for role in roles), style="bold")
-    tab.caption = "share of the features' activation on few-shot prompts; paper (Gemma-1 2B): executors 89.8% on arrows, detectors 96.8% on outputs"
+        best = str(r["features"][0]) + (f" (of {len(r['features'])})" if len(r["features"]) > 1 else "")
+        tab.add_row(t, best, *(f"{r['per_feature'][str(r['features'][0])][role]:.1f}" for role in roles))
+    tab.add_row("mean of best features", "", *(f"{data['per_feature_percent'][role]:.1f}" for role in roles), style="bold")
+    tab.add_row("pooled, all features", "", *(f"{data['pooled_percent'][role]:.1f}" for role in roles), style="dim")
+    empty = f"; not measured (empty set): {', '.join(data['empty'])}" if data.get("empty") else ""
+    tab.caption = ("inputs and outputs as whole words; paper (Gemma-1 2B, mean of one best feature per task): executors "
+                   f"89.8% on arrows, detectors 96.8% on outputs{empty}")
     return tab
 
 

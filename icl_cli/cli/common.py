@@ -1,5 +1,5 @@
-"""Helpers shared by the commands that run a model: loading with the global options, progress
-on stderr, and the artifact summary line."""
+"""Helpers shared by the commands that run a library step: the step's run environment built from
+the global options (its log and progress go to stderr), and progress on stderr."""
 
 from __future__ import annotations
 
@@ -8,22 +8,19 @@ import time
 from typing import Iterator
 
 from icl_cli.cli.context import Globals, log, stderr_console
+from icl_cli.core.runenv import RunEnv
+
+
+def run_env(gl: Globals) -> RunEnv:
+    """The library's run environment under the global options: logs and progress on stderr."""
+    return RunEnv(store_path=gl.store_path, device=gl.device, dtype=gl.dtype, seed=gl.seed, device_map=gl.device_map,
+                  trust_remote_code=gl.trust_remote_code, verbose=gl.verbose, log=lambda m: log(m, ctx_globals=gl),
+                  progress=lambda total, what: task_progress(gl, total, what))
 
 
 def load_lm(gl: Globals, model: str):
     """Load a model with the global --device / --dtype / --device-map, seeding torch first."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from icl_cli.core.models import load_model
-
-    if not gl.verbose:
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    torch.manual_seed(gl.seed)
-    log(f"loading {model}", ctx_globals=gl)
-    return load_model(model, device=gl.device, dtype=gl.dtype, device_map=gl.device_map,
-                      trust_remote_code=gl.trust_remote_code)
+    return run_env(gl).load_lm(model)
 
 
 PLAIN_EVERY_S = 10.0
@@ -82,8 +79,7 @@ def task_progress(gl: Globals, total: int, what: str) -> Iterator:
 
 def saved(gl: Globals, res) -> None:
     """Say on stderr whether an artifact was computed or reused."""
-    verb = "reused" if res.reused else "saved"
-    log(f"{verb} {res.artifact.step} artifact {res.artifact.key[:12]}", ctx_globals=gl)
+    run_env(gl).saved(res)
 
 
 def maybe_artifact(store, ref: str):
@@ -94,3 +90,44 @@ def maybe_artifact(store, ref: str):
         return store.resolve(ref)
     except IclError:
         return None
+
+
+class train_progress:
+    """Progress of `icl train-sae` on stderr showing tokens/s, L0 and FVU (also under -q and --json:
+    they change stdout only): a live bar on a terminal, plain lines otherwise. Enters as the
+    library's ``progress(info)`` callback (train_sae/step.py)."""
+
+    def __init__(self, gl: Globals):
+        self.bar = None
+        self.plain = None
+
+    def __enter__(self):
+        if not live_progress():
+            def plain(info: dict) -> None:
+                if self.plain is None:
+                    self.plain = PlainProgress("train-sae", info["total_steps"])
+                self.plain.update(info["step"], "steps", _info_text(info))
+
+            return plain
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train-sae"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            console=stderr_console(), transient=True)
+        self.bar.start()
+        self.task = None
+        return self.update
+
+    def update(self, info: dict) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("train", total=info["total_steps"], info="")
+        self.bar.update(self.task, completed=info["step"], info=_info_text(info))
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def _info_text(info: dict) -> str:
+    return f"{info['tokens_per_s']:,.0f} tok/s  L0 {info['l0']:.1f}  FVU {info['fvu']:.3f}"

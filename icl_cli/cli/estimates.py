@@ -1,73 +1,23 @@
-"""`icl clean --estimate` and `icl train-sae --estimate`: the memory a run needs, from shapes only
-(icl_cli/core/memory.py). Nothing heavy is loaded: the model's config, its tokenizer, and for
-clean the SAE (for its width and layer)."""
+"""How `icl clean --estimate` and `icl train-sae --estimate` print the memory a run needs (the
+numbers: icl_cli/clean/estimate.py, icl_cli/train_sae/estimate.py, icl_cli/core/memory.py)."""
 
 from __future__ import annotations
 
-from icl_cli.cli.context import emit
+from icl_cli.cli.context import Globals, emit
 
 
-def _shape(gl, model: str):
-    """(ModelShape, device) of ``model`` in the run's dtype, from its config alone."""
-    import torch
-
-    from icl_cli.core.memory import ModelShape
-    from icl_cli.core.models import load_config, resolve_device, resolve_dtype
-
-    config = load_config(model, gl.trust_remote_code)
-    device = resolve_device(gl.device)
-    dtype = resolve_dtype(gl.dtype, device)
-    return ModelShape.of(config, torch.tensor([], dtype=dtype).element_size()), device
+def emit_clean_estimate(gl: Globals, est) -> None:
+    """A CleanEstimate: JSON, or its phases as a table."""
+    data = est.data
+    emit(gl, data, table=lambda: _table(f"clean estimate: {data['model']}, layer {est.layer}", data,
+                                        f"one task at a time: SAE of {est.d_sae} features, prompts of ≤ {est.max_tokens} tokens; "))
 
 
-def _free(device) -> float | None:
-    from icl_cli.circuit.estimate import free_memory
-
-    free = free_memory(device)
-    return None if free is None else free / (1 << 30)
-
-
-def clean_estimate(gl, store, cp: dict, tv_art, sae_art, sae: str, layer: int | None, p, tasks) -> None:
-    """Memory of the largest task of a clean run (the caches and steps of one task at a time)."""
-    from icl_cli.clean.cleaning import _prompts, validation_queries
-    from icl_cli.cli.clean_cmd import _checked_spec
-    from icl_cli.collect.vectors import task_split
-    from icl_cli.core.batch import encode_prompts
-    from icl_cli.core.memory import clean_memory
-    from icl_cli.core.models import load_tokenizer
-
-    lay, d = _checked_spec(gl, store, sae_art, sae, cp, tv_art, layer, lambda lay, dtype: lay)
-    shape, device = _shape(gl, cp["model"])
-    tok = load_tokenizer(cp["model"], gl.trust_remote_code)
-    n_eval, seed, template = cp["n_eval"], cp["seed"], cp["template"]
-    P = 0
-    for t in tasks:  # the prompts clean_task builds, tokenised (no model)
-        train, heldout = task_split(t, n_eval, seed)
-        sets = [_prompts(train, train, p.n_train, p.seed + 3, p.detectors, template, t.name),
-                _prompts(t.pairs, heldout, n_eval, seed + 1, p.detectors, template, t.name)]
-        if p.auto:
-            sets.append(_prompts(train, validation_queries(train, sets[0]), p.n_val, p.seed + 4, p.detectors, template,
-                                 t.name))
-        P = max([P] + [encode_prompts(tok, s, n_first=cp["n_first"]).input_ids.shape[1] for s in sets])
-    est = clean_memory(shape, d.cfg.d_sae, lay, P, p.n_train, n_eval, p.n_val if p.auto else 0, cp["n_first"])
-    data = {"model": cp["model"], "tasks": len(tasks), "free_gib": _free(device), **est.to_json()}
-    emit(gl, data, table=lambda: _table(f"clean estimate: {cp['model']}, layer {lay}", data,
-                                        f"one task at a time: SAE of {d.cfg.d_sae} features, prompts of ≤ {P} tokens; "))
-
-
-def train_sae_estimate(gl, cfg, layers) -> None:
-    """Memory of one train-sae run (every layer's dictionary shares the forward passes)."""
-    from icl_cli.core.layers import parse_layers
-    from icl_cli.core.memory import train_sae_memory
-
-    shape, device = _shape(gl, cfg.model)
-    chosen = parse_layers(layers, shape.n_layers)
-    width = cfg.width or 16 * shape.d_model
-    est = train_sae_memory(shape, width, len(chosen), cfg.site == "transcoder", cfg.arch, cfg.batch_tokens,
-                           cfg.buffer_batches, cfg.ctx, store_bytes=4 if device.type == "cpu" else 2)
-    data = {"model": cfg.model, "layers": chosen, "free_gib": _free(device), **est.to_json()}
-    emit(gl, data, table=lambda: _table(f"train-sae estimate: {cfg.model}", data,
-                                        f"{len(chosen)} {cfg.arch} dictionaries of {width} features; "))
+def emit_train_sae_estimate(gl: Globals, est, arch: str) -> None:
+    """A SaeEstimate: JSON, or its phases as a table."""
+    data = est.data
+    emit(gl, data, table=lambda: _table(f"train-sae estimate: {data['model']}", data,
+                                        f"{len(data['layers'])} {arch} dictionaries of {est.width} features; "))
 
 
 def _table(title: str, data: dict, what: str):

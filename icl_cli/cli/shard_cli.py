@@ -1,11 +1,9 @@
-"""The command side of task-parallel sweeps (``--shard i/n``, torchrun): option help, stderr lines,
-and what a shard prints (see icl_cli/store/shards.py for the mechanism)."""
+"""The command side of task-parallel sweeps (``--shard i/n``, torchrun): option help and what a
+shard prints (see icl_cli/store/sharded.py and shards.py for the mechanism)."""
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from icl_cli.cli.context import emit, log
+from icl_cli.cli.context import Globals, emit
 
 SHARD_HELP = ("i/n: compute only shard i of n (tasks i, i+n, i+2n, … of the list) and publish it as a partial "
               "artifact; the same command without --shard assembles the shards. SLURM: "
@@ -15,23 +13,8 @@ CIRCUIT_SHARD_HELP = ("i/n: compute only the circuits of shard i of n (tasks i, 
                       "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; torchrun sets it from RANK/WORLD_SIZE.")
 
 
-def finish(gl, out, names: Sequence[str]) -> bool:
-    """Say what a sharded run did; emit a shard's partial. True when the caller emits the full result."""
-    from icl_cli.store.shards import part_json
-
-    if out.line:
-        log(out.line, ctx_globals=gl)
-    if out.result is not None:  # the full artifact (under torchrun rank 0 alone prints it)
-        return not (out.shard is not None and out.shard.index != 0 and _torchrun_rank())
-    verb = "reused" if out.part.reused else "saved"
-    torchrun = _torchrun_rank()
-    then = "rank 0 assembles" if torchrun else "run the command without --shard once every shard is done to assemble"
-    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); {then}",
-        ctx_globals=gl)
-    if torchrun:
-        return False  # under torchrun only rank 0 prints
-    data = part_json(out, names)
-
+def emit_part(gl: Globals, data: dict) -> None:
+    """Print a shard's partial artifact (store/shards.py:part_json)."""
     def table():
         from rich.text import Text
 
@@ -39,10 +22,31 @@ def finish(gl, out, names: Sequence[str]) -> bool:
                     f"{data['n_tasks']} tasks ({', '.join(data['tasks'])}); full key {data['full_key'][:12]}")
 
     emit(gl, data, table=table, keys=[data["key"]])
+
+
+def emit_step(gl: Globals, out, table) -> None:
+    """Print what a sharded step reports: its full artifact's summary (``out.data``, rendered by
+    ``table(out)``), a shard's partial, or nothing (a torchrun rank other than 0)."""
+    if out.part is not None:
+        emit_part(gl, out.part)
+    elif out.result is not None:
+        emit(gl, out.data, table=lambda: table(out), keys=[out.result.artifact.key])
+
+
+def finish(gl, out, names) -> bool:
+    """Say what a sharded run did; emit a shard's partial. True when the caller emits the full result."""
+    from icl_cli.cli.context import log
+    from icl_cli.store.shards import env_shard, part_json
+
+    if out.line:
+        log(out.line, ctx_globals=gl)
+    torchrun = env_shard() is not None
+    if out.result is not None:
+        return not (out.shard is not None and out.shard.index != 0 and torchrun)
+    verb = "reused" if out.part.reused else "saved"
+    then = "rank 0 assembles" if torchrun else "run the command without --shard once every shard is done to assemble"
+    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); {then}",
+        ctx_globals=gl)
+    if not torchrun:
+        emit_part(gl, part_json(out, names))
     return False
-
-
-def _torchrun_rank() -> bool:
-    from icl_cli.store.shards import env_shard
-
-    return env_shard() is not None

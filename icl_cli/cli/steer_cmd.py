@@ -187,7 +187,7 @@ def _sae(gl, store, ref: str | None, clean_art, check):
 
 def _check_sae(cfg, layer: int, cp: dict, clean_key: str) -> None:
     """The SAE must read resid_pre at the clean artifact's layer of the same model."""
-    from icl_cli.cli.clean_cmd import same_model
+    from icl_cli.core.models import same_model
 
     if cfg.site != "resid_pre":
         raise IclError(f"steering needs an SAE on resid_pre; this one is on {cfg.site}")

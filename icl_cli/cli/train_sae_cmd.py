@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import typer
 
-from icl_cli.cli.context import emit, g, stderr_console
-from icl_cli.core.errors import IclError
+from icl_cli.cli.common import run_env, train_progress
+from icl_cli.cli.context import emit, g
 
 
 def register(app: typer.Typer) -> None:
@@ -42,45 +41,20 @@ def register(app: typer.Typer) -> None:
         estimate: bool = typer.Option(False, "--estimate", help="Only print the memory the run needs (nothing runs)."),
     ) -> None:
         """Train SAEs / transcoders; one artifact (a SAELens folder) per layer."""
+        from icl_cli.train_sae.step import TrainSaeRequest, run_train_sae
+
         gl = g(ctx)
-        from icl_cli.train_sae.config import TrainConfig
-
-        cfg = TrainConfig(model=model, layers=[0], site=site, arch=arch, width=width, k=k, l1=l1, lr=lr,
-                          tokens=tokens or 0, batch_tokens=batch_tokens, ctx=ctx_len, dataset=dataset,
-                          eval_tokens=eval_tokens, checkpoint_every=checkpoint_every, seed=gl.seed)
-        if tokens is not None and tokens <= 0:
-            raise IclError("--tokens must be positive")
-        if checkpoint_every < 0:
-            raise IclError("--checkpoint-every must be ≥ 0")
-
+        req = TrainSaeRequest(model=model, layer=layer, site=site, arch=arch, width=width, k=k, l1=l1, lr=lr, tokens=tokens,
+                              batch_tokens=batch_tokens, ctx=ctx_len, dataset=dataset, eval_tokens=eval_tokens,
+                              checkpoint_every=checkpoint_every, resume=resume, name=name, force=force)
         if estimate:
-            from icl_cli.cli.estimates import train_sae_estimate
+            from icl_cli.cli.estimates import emit_train_sae_estimate
+            from icl_cli.train_sae.estimate import estimate_train_sae
 
-            return train_sae_estimate(gl, cfg, layer)
-        from icl_cli.cli.common import load_lm
-        from icl_cli.core.layers import parse_layers
-
-        say = lambda m: stderr_console().print(m, style="dim", markup=False)  # noqa: E731
-        # under torchrun every rank must take the same path: no shortcut that skips the model
-        torchrun = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1", "0")
-        results = None if (force or torchrun) else _all_reused(gl, cfg, layer, name, say)
-        if results is None:
-            from icl_cli.train_sae.distributed import init_from_env
-            from icl_cli.train_sae.run import train_sae_artifacts
-
-            grp = init_from_env()
-            lm = load_lm(gl, model)
-            cfg.layers = parse_layers(layer, lm.n_layers)
-            if not cfg.layers:
-                raise IclError("give at least one --layer")
-            if not grp.leader:  # rank 0 reports, publishes and prints
-                train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force)
-                return
-            if grp.active:
-                say(f"data-parallel over {grp.world} processes")
-            with _progress_bar(gl) as progress:
-                results = train_sae_artifacts(gl.store(), cfg, lm, resume=resume, name=name, force=force,
-                                              progress=progress, log=say)
+            return emit_train_sae_estimate(gl, estimate_train_sae(run_env(gl), req), arch)
+        results = run_train_sae(run_env(gl), req, progress=lambda: train_progress(gl)).results
+        if results is None:  # a torchrun rank other than 0: rank 0 prints
+            return
 
         def row(r):
             m = r.metrics
@@ -104,80 +78,3 @@ def register(app: typer.Typer) -> None:
 
         data = [{"key": r["key"], "metrics": r["metrics"]} for r in rows]
         emit(gl, data=data[0] if len(data) == 1 else data, table=table, keys=[r["key"] for r in rows])
-
-
-def _all_reused(gl, cfg, layer: List[str], name: Optional[str], say):
-    """The artifacts of every requested layer when all exist, found from the model's config and
-    this machine without loading the model or importing torch; None when any is missing or the
-    key cannot be known that way (then the ordinary path loads the model and decides)."""
-    from dataclasses import replace
-
-    from icl_cli.cli.fastpath import cpu_device_dtype
-    from icl_cli.core.identity import model_info
-    from icl_cli.core.layers import parse_layers
-    from icl_cli.train_sae.run import SaeArtifact, layer_spec
-
-    cpu = cpu_device_dtype(gl)
-    if cpu is None:
-        return None
-    fingerprint, n_layers, d_model = model_info(cfg.model, gl.trust_remote_code)
-    if fingerprint is None:
-        return None
-    layers = parse_layers(layer, n_layers)
-    if not layers:
-        return None
-    resolved = replace(cfg, layers=layers).resolved(d_model, n_layers)
-    ident = {"model_fingerprint": fingerprint, "dtype": cpu[1], "device": cpu[0]}
-    store = gl.store()
-    arts = {l: store.lookup(layer_spec(resolved, l, ident)) for l in resolved.layers}
-    if any(a is None for a in arts.values()):
-        return None
-    out = []
-    for l, art in arts.items():
-        say(f"reusing {art.key[:12]} (step train-sae); pass --force to retrain")
-        if name is not None:
-            store.tag(art, name if len(arts) == 1 else f"{name}.{l}")
-        out.append(SaeArtifact(l, art.key, dict(art.metrics), True))
-    return out
-
-
-class _progress_bar:
-    """Progress on stderr showing tokens/s, L0 and FVU (also under -q and --json: they change
-    stdout only): a live bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, gl):
-        self.bar = None
-        self.plain = None
-
-    def __enter__(self):
-        from icl_cli.cli.common import PlainProgress, live_progress
-
-        if not live_progress():
-            def plain(info: dict) -> None:
-                if self.plain is None:
-                    self.plain = PlainProgress("train-sae", info["total_steps"])
-                self.plain.update(info["step"], "steps", _info_text(info))
-
-            return plain
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("train-sae"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                            console=stderr_console(), transient=True)
-        self.bar.start()
-        self.task = None
-        return self.update
-
-    def update(self, info: dict) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task("train", total=info["total_steps"], info="")
-        self.bar.update(self.task, completed=info["step"], info=_info_text(info))
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
-
-
-def _info_text(info: dict) -> str:
-    return f"{info['tokens_per_s']:,.0f} tok/s  L0 {info['l0']:.1f}  FVU {info['fvu']:.3f}"

@@ -308,3 +308,12 @@ def _without_weights(auto, what: str, name_or_path: str, trust_remote_code: bool
         if local:
             raise IclError(f"could not load the {what} of {source}: {_first_line(exc)}") from exc
         raise IclError(hub_error_message(str(name_or_path), source, exc)) from exc
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model references name the same model (preset names, HF ids and folders alike)."""
+    def canon(x: str) -> str:
+        x = PRESETS[x].hf_id if x in PRESETS else str(x)
+        return Path(x.rstrip("/")).name.lower()
+
+    return canon(a) == canon(b)

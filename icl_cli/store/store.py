@@ -224,6 +224,13 @@ class Store:
             raise IclError(f"{ref if isinstance(ref, str) else art.key[:12]} is a {art.step} artifact, not {want}; pass the key or name of a {want} artifact")
         return art
 
+    def find(self, ref: str) -> Artifact | None:
+        """The artifact ``ref`` names, or None when it names none (a folder, file or release id)."""
+        try:
+            return self.resolve(ref)
+        except IclError:
+            return None
+
     def _resolve(self, ref: str) -> Artifact:
         if KEY_RE.match(ref):
             art = self.get(ref)
