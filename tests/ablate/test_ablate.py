@@ -286,3 +286,60 @@ def test_own_worst_share_counts_columns_whose_own_row_is_largest():
     assert own_worst_share(r) == 1.0
     nll[2, 2] = 2.9
     assert own_worst_share(r) == pytest.approx(2 / 3)
+
+
+class _CharTokenizer:
+    """Every character a token (offsets (i, i+1)): every word spans several tokens."""
+
+    is_fast = True
+    bos_token_id = None
+    pad_token_id = 0
+    unk_token_id = None
+
+    def __call__(self, texts, return_offsets_mapping=False, add_special_tokens=True):
+        return {"input_ids": [[ord(c) for c in t] for t in texts],
+                "offset_mapping": [[(i, i + 1) for i in range(len(t))] for t in texts]}
+
+
+def test_word_roles_cover_every_token_of_multi_token_inputs_and_outputs():
+    """SPEC §8: inputs and outputs as whole words. With one token per character, 'hot' is three
+    input tokens and 'cold' four output tokens; the arrow and the spaces keep their own roles."""
+    from icl_cli.ablate.mass import word_roles
+    from icl_cli.core.batch import encode_prompts
+    from icl_cli.core.prompts import ROLE_CODE
+
+    tok = _CharTokenizer()
+    prompt = Prompt([("hot", "cold")], ("big", "small"))
+    text = prompt.text  # 'Follow the pattern:\nhot -> cold\nbig -> small'
+    batch = encode_prompts(tok, [prompt])
+    rows = word_roles(tok, [prompt], batch)[0].tolist()
+    want = [0] * len(text)
+    for i in range(0, 20):
+        want[i] = ROLE_CODE["prompt"]
+    for word, role in (("hot", "input"), ("cold", "output"), ("big", "input"), ("small", "output")):
+        start = text.index(word, 20)
+        for i in range(start, start + len(word)):
+            want[i] = ROLE_CODE[role]
+    want[text.index("->") + 1] = ROLE_CODE["arrow"]
+    want[text.index("->", 30) + 1] = ROLE_CODE["arrow"]
+    want[text.index("\n", 20)] = ROLE_CODE["newline"]
+    assert rows == want
+    # the last-token roles of core.batch mark only one token of each word
+    assert int((batch.roles[0] == ROLE_CODE["output"]).sum()) == 2
+
+
+def test_per_feature_share_is_the_mean_of_each_tasks_best_feature_not_the_pooled_share():
+    """The paper's figure averages one best feature's role shares over tasks; the pooled share sums
+    every feature's mass first (a large feature dominates it). Written out by hand."""
+    rows = len(("none", "prompt", "input", "arrow", "output", "newline"))
+    a = torch.zeros(rows, 2)
+    a[3, 0], a[4, 0] = 9.0, 1.0      # task a's best feature: 90% arrow
+    a[4, 1] = 90.0                   # a big second feature on outputs
+    b = torch.zeros(rows, 1)
+    b[3, 0], b[1, 0] = 1.0, 1.0      # task b's best feature: 50% arrow, 50% prompt
+    r = MassResult(["a", "b"], {"a": [7, 8], "b": [3]}, {"a": a, "b": b}, empty=["c"])
+    per = r.per_feature()
+    assert per["arrow"] == pytest.approx((90.0 + 50.0) / 2)
+    assert per["output"] == pytest.approx((10.0 + 0.0) / 2)
+    pooled = r.percent()
+    assert pooled["arrow"] == pytest.approx(100 * 10 / 102) and pooled["output"] == pytest.approx(100 * 91 / 102)

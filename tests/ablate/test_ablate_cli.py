@@ -109,9 +109,10 @@ def test_given_ids_on_every_task(env):
 
 def test_activation_mass_of_executors(env):
     data = _json(env, "mass", "--features", env["exe"])
-    assert sum(data["percent"].values()) == pytest.approx(100.0, abs=1e-3)
+    assert sum(data["per_feature_percent"].values()) == pytest.approx(100.0, abs=1e-3)
+    assert sum(data["pooled_percent"].values()) == pytest.approx(100.0, abs=1e-3)
     assert data["tasks"]["en_fr"]["features"] == [4]
-    assert data["paper"] == {"executors_arrow": 89.8, "detectors_output": 96.8}
+    assert data["paper"]["executors_arrow"] == 89.8 and data["paper"]["detectors_output"] == 96.8
     top = _json(env, "mass", "--features", env["clean"], "--top", "1")
     from icl_cli.clean.cleaning import read_h5
     from icl_cli.store import Store
@@ -119,7 +120,7 @@ def test_activation_mass_of_executors(env):
     _, kept = read_h5(Store(env["store"]).resolve(env["clean"]).file("clean.h5"))
     assert {t: r["features"] for t, r in top["tasks"].items()} == {t: r.features[:1] for t, r in kept.items() if r.features}
     table = env["ok"]("ablate", "mass", "--features", env["clean"])
-    assert "kept features" in table and "all tasks" in table
+    assert "kept features" in table and "mean of best features" in table and "pooled" in table
 
 
 def test_detector_executor_link(env):
@@ -168,6 +169,6 @@ def test_sae_without_a_layer_takes_the_artifacts(env, tmp_path):
     exe = _steer(env["store"], env["clean"], bare, "executor", 1, {"antonyms": [2, 3], "en_fr": [4]}, kept)
     without = _json(env, "mass", "--features", exe)
     with_layer = _json(env, "mass", "--features", env["exe"])
-    assert without["percent"] == pytest.approx(with_layer["percent"], abs=1e-6)
+    assert without["pooled_percent"] == pytest.approx(with_layer["pooled_percent"], abs=1e-6)
     link = _json(env, "link", "--detectors", env["det"], "--executors", exe, "--removal", "steer", "--scale", "5")
     assert link["executor_layer"] == 1

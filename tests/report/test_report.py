@@ -244,8 +244,10 @@ def test_ablate_mass_cross_task_and_link(tmp_path):
     lk = s.run(StepSpec("ablate", {"kind": "link"}, {"features0": det, "features1": ex}, 1), link).artifact
     rep = build_report(s, [m.key, c.key, lk.key], out=tmp_path / "rep")
     mass_sec, cross_sec, link_sec = rep.sections
-    assert mass_sec.summary["percent"]["arrow"] == pytest.approx(100 * 10 / 12)  # summed over tasks, then shared
-    assert mass_sec.summary["headline"][0]["ours"].startswith("83.3% (2 tasks, 2 features)")
+    # the paper's figure: the mean of each task's best-feature share (90% and 50%); pooled: summed first
+    assert mass_sec.summary["per_feature_percent"]["arrow"] == pytest.approx((90 + 50) / 2)
+    assert mass_sec.summary["pooled_percent"]["arrow"] == pytest.approx(100 * 10 / 12)
+    assert mass_sec.summary["headline"][0]["ours"].startswith("70.0% (one best feature of each of 2 tasks; pooled 83.3%)")
     assert "89.8%" in mass_sec.summary["headline"][0]["paper"]
     # own-task Δnll: a on a +0.5, b on b +1.0; others: a on b +0.1, b on a +0.2
     assert cross_sec.summary["own_mean_delta_nll"] == pytest.approx(0.75)

@@ -62,22 +62,31 @@ class AblateRenderer(Renderer):
 
         r = read_h5(art.file("mass.h5"))
         what, mode = _what(art)
-        overall = r.percent()
-        sec = Section(art.key, art.step, f"Activation mass by token role: {what}", {"set": what, "percent": overall,
-                      "tasks": {t: r.percent(t) for t in r.tasks}})
-        top = max(overall, key=overall.get)
-        sec.notes.append(f"{what.capitalize()} of {len(r.tasks)} tasks on their own few-shot prompts: "
-                         + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(overall.items(), key=lambda kv: -kv[1]) if v >= 0.5)
-                         + f" (most on {top} tokens).")
+        per = r.per_feature()
+        pooled = r.percent()
+        sec = Section(art.key, art.step, f"Activation mass by token role: {what}",
+                      {"set": what, "per_feature_percent": per, "pooled_percent": pooled, "empty": r.empty,
+                       "tasks": {t: r.best_share(t) for t in r.tasks}})
+        top = max(per, key=lambda k: per[k] if per[k] == per[k] else -1)
+        sec.notes.append(f"One best feature per task ({len(r.tasks)} tasks; inputs and outputs as whole words), mean share: "
+                         + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.5)
+                         + f" (most on {top} tokens). Pooled over every feature of every set (a different quantity): "
+                         + ", ".join(f"{k} {v:.1f}%" for k, v in sorted(pooled.items(), key=lambda kv: -kv[1]) if v >= 0.5) + ".")
+        if r.empty:
+            sec.notes.append(f"Not measured (empty feature set): {', '.join(r.empty)}.")
         if mode in PAPER_MASS:
             role, paper, layer = PAPER_MASS[mode]
-            n_feats = sum(len(v) for v in r.features.values())
             sec.summary["headline"] = [{"finding": f"Activation mass of {what} on {role} tokens",
-                                        "ours": f"{overall[role]:.1f}% ({len(r.tasks)} tasks, {n_feats} features)",
-                                        "paper": f"{paper}% (layer {layer})"}]
-        rows = [["all tasks", *(f"{overall[k]:.1f}" for k in ROW_NAMES), str(sum(len(v) for v in r.features.values()))]]
-        rows += [[t, *(f"{r.percent(t)[k]:.1f}" for k in ROW_NAMES), str(len(r.features[t]))] for t in r.tasks]
-        sec.tables.append(Table(f"share of the activation of the {what} per token role (%)", ["task", *ROW_NAMES, "features"], rows))
+                                        "ours": f"{per[role]:.1f}% (one best feature of each of {len(r.tasks)} tasks; "
+                                                f"pooled {pooled[role]:.1f}%)"
+                                                + (f"; {len(r.empty)} tasks with no {what}" if r.empty else ""),
+                                        "paper": f"{paper}% (layer {layer}, one best feature per task)"}]
+        rows = [["mean of best features", *(f"{per[k]:.1f}" for k in ROW_NAMES), "–"],
+                ["pooled, all features", *(f"{pooled[k]:.1f}" for k in ROW_NAMES), str(sum(len(v) for v in r.features.values()))]]
+        rows += [[f"{t} (feature {r.features[t][0]})", *(f"{r.best_share(t)[k]:.1f}" for k in ROW_NAMES), str(len(r.features[t]))]
+                 for t in r.tasks]
+        sec.tables.append(Table(f"share of the activation of the {what} per token role (%): each task's best feature",
+                                ["task", *ROW_NAMES, "features"], rows))
         if out is not None:
             sec.figures.append(self._mass_figure(art, r, what, out))
         return sec
@@ -89,8 +98,9 @@ class AblateRenderer(Renderer):
         from icl_cli.report.figures import plt, save, task_label
 
         p = plt()
-        labels = ["all tasks"] + [task_label(t) for t in r.tasks]
-        shares = np.array([[r.percent()[k] for k in ROW_NAMES]] + [[r.percent(t)[k] for k in ROW_NAMES] for t in r.tasks])
+        labels = ["mean of best features"] + [f"{task_label(t)} ({r.features[t][0]})" for t in r.tasks]
+        per = r.per_feature()
+        shares = np.array([[per[k] for k in ROW_NAMES]] + [[r.best_share(t)[k] for k in ROW_NAMES] for t in r.tasks])
         fig, ax = p.subplots(figsize=(8.5, 1.4 + 0.32 * len(labels)))
         left = np.zeros(len(labels))
         y = np.arange(len(labels))
@@ -106,11 +116,12 @@ class AblateRenderer(Renderer):
         ax.set_xlim(0, 100)
         ax.set_xlabel("share of the features' summed activation (%)")
         ax.grid(axis="y", visible=False)
-        ax.set_title(f"Activation mass by token role: {what} on their tasks' few-shot prompts")
+        ax.set_title(f"Activation mass by token role: each task's best of its {what}, on its few-shot prompts")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, title="token role")
         files = save(fig, out, f"ablate-{art.key[:8]}-mass")
-        return Figure(f"Activation mass by role ({what})", "Summed activation of each task's feature set over the tokens of "
-                      "each role of its few-shot prompts, as a share of the total (SPEC §8).", files)
+        return Figure(f"Activation mass by role ({what})", "Share of the summed activation of each task's best feature over "
+                      "the tokens of each role of its few-shot prompts (inputs and outputs as whole words), and their "
+                      "mean over tasks (the paper's figure, SPEC §8).", files)
 
     # ---- feature-set ablation (the cross-task matrix) -------------------------------------
     def _features(self, art, out: Path | None) -> Section:
