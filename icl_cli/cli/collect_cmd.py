@@ -11,9 +11,10 @@ from typing import List, Optional
 
 import typer
 
-from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
-from icl_cli.cli.context import emit, g, log
-from icl_cli.cli.shard_cli import SHARD_HELP, finish
+from icl_cli.cli.common import run_env
+from icl_cli.cli.context import emit, g
+from icl_cli.cli.shard_cli import SHARD_HELP, emit_step
+from icl_cli.core.errors import IclError
 
 app = typer.Typer(help="Task vectors from few-shot prompts, layer sweeps, activations by token role.",
                   invoke_without_command=True)
@@ -39,87 +40,12 @@ def collect_cmd(
     """Collect task vectors and the layer sweep (run a subcommand for max-activating examples)."""
     if ctx.invoked_subcommand is not None:
         return
-    from icl_cli.cli.fastpath import cpu_device_dtype
-    from icl_cli.collect.artifact import FORMAT_VERSION, CollectParams, read_sweeps, summary_json
-    from icl_cli.core.identity import model_info, tasks_digest
-    from icl_cli.core.layers import parse_layers
-    from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.store import StepSpec
+    from icl_cli.collect.step import CollectRequest, run_collect
 
     gl = g(ctx)
-    store = gl.store()
-    p = CollectParams(tasks=tasks, layers=layers, n_shot=n_shot, n_prompts=n_prompts, n_eval=n_eval,
-                      template=template, n_first=n_first, seed=gl.seed)
-    task_list = resolve_tasks(tasks, tasks_dir)
-    sae_arts = [store.resolve(ref) for ref in saes]
-    # the key comes from the model's config and files, and the device from the machine: an
-    # existing artifact is reused without loading the model or importing torch
-    fingerprint, n_layers, _ = model_info(model, gl.trust_remote_code)
-    lm = None if fingerprint else load_lm(gl, model)
-    device, dtype = cpu_device_dtype(gl) or _device_dtype(gl)
-    if not fingerprint:
-        from icl_cli.core.identity import model_fingerprint
-
-        fingerprint = model_fingerprint(lm.model)
-    params = {**p.__dict__, "layers": parse_layers(layers, n_layers), "model": model,
-              "tasks_dir": str(tasks_dir.resolve()) if tasks_dir else None,
-              "model_fingerprint": fingerprint,
-              "tasks_digest": tasks_digest(task_list), "task_names": [t.name for t in task_list],
-              "dtype": dtype, "device": device}
-    spec = StepSpec("collect", params, {f"sae{i}": a for i, a in enumerate(sae_arts)}, FORMAT_VERSION)
-    from icl_cli.store import shards as sharding
-
-    part, torchrun = sharding.resolve(shard)
-    names = [t.name for t in task_list]
-    by_name = {t.name: t for t in task_list}
-    holder = {}
-
-    def compute(st, subset):
-        from icl_cli.collect.vectors import run_collect, write_h5
-        from icl_cli.dictionaries.io import load_dictionary
-
-        lm_ = lm or load_lm(gl, model)
-        sae_objs = [(a.key, load_dictionary(a).to(lm_.device)) for a in sae_arts]
-        with task_progress(gl, len(subset), "collect") as advance:
-            layer_list, results = run_collect(lm_, [by_name[t] for t in subset], p, sae_objs, progress=advance,
-                                              work_dir=st.work_dir)
-        with st.h5("collect.h5") as f:
-            write_h5(f, layer_list, results)
-        holder["data"] = (layer_list, results)
-        return {"best_layer": {t: r.best_layer for t, r in results.items()}}
-
-    def merge(st, parts):
-        from icl_cli.collect.vectors import read_h5, write_h5
-
-        merged, layer_list = {}, None
-        for _, art in parts:
-            layer_list, results = read_h5(art.file("collect.h5"))
-            merged.update(results)
-        results = {t: merged[t] for t in names}
-        with st.h5("collect.h5") as f:
-            write_h5(f, layer_list, results)
-        holder["data"] = (layer_list, results)
-        return {"best_layer": {t: r.best_layer for t, r in results.items()}}
-
-    out = sharding.run(store, spec, names, compute, merge, shard=part, torchrun=torchrun, name=name, force=force,
-                       say=lambda m: log(m, ctx_globals=gl))
-    if not finish(gl, out, names):
-        return
-    res = out.result
-    saved(gl, res)
-    if "data" not in holder or res.reused:
-        holder["data"] = read_sweeps(res.artifact.file("collect.h5"))
-    layer_list, results = holder["data"]
-    data = summary_json(res.artifact.key, layer_list, results)
-    emit(gl, data, table=lambda: _table(data), keys=[res.artifact.key])
-
-
-def _device_dtype(gl) -> tuple[str, str]:
-    """str(device), str(dtype) of a run, asking torch (a GPU may be there)."""
-    from icl_cli.core.models import resolve_device, resolve_dtype
-
-    device = resolve_device(gl.device)
-    return str(device), str(resolve_dtype(gl.dtype, device))
+    req = CollectRequest(model=model, tasks=tasks, tasks_dir=tasks_dir, layers=layers, n_shot=n_shot, n_prompts=n_prompts,
+                         n_eval=n_eval, template=template, n_first=n_first, saes=saes, shard=shard, name=name, force=force)
+    emit_step(gl, run_collect(run_env(gl), req), lambda out: _table(out.data))
 
 
 def _table(data: dict):
@@ -182,42 +108,16 @@ def top_activations_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists."),
 ) -> None:
     """Store the top-activating contexts of chosen features, with the firing token marked."""
-    from icl_cli.core.identity import model_fingerprint
-    from icl_cli.dictionaries.io import load_dictionary
-    from icl_cli.core.errors import IclError
-    from icl_cli.store import StepSpec
-    from icl_cli.collect.top_activations import FORMAT_VERSION, TopParams, contexts, read_h5, top_activations, write_h5
+    from icl_cli.collect.step import TopRequest, run_top_activations
 
     gl = g(ctx)
-    store = gl.store()
     try:
         feats = tuple(int(f) for f in features.split(",") if f.strip())
     except ValueError:
         raise IclError(f"--features takes comma-separated integers, got {features!r}") from None
-    if not feats or tokens < 1 or n_top < 1 or ctx_len < 2:
-        raise IclError("need at least one feature, --tokens ≥ 1, --n-top ≥ 1 and --ctx ≥ 2")
-    art = maybe_artifact(store, sae)
-    d = load_dictionary(art if art is not None else sae, store)
-    model = model or d.cfg.model or "toy-icl"
-    p = TopParams(feats, dataset, tokens, ctx_len, n_top, gl.seed)
-    lm = load_lm(gl, model)
-    d = d.to(lm.device)
-    params = {**p.__dict__, "model": model, "model_fingerprint": model_fingerprint(lm.model),
-              "sae": None if art is not None else sae}
-    spec = StepSpec("top-activations", params, {"sae": art}, FORMAT_VERSION)
-
-    def build(st):
-        r = top_activations(lm, d, p)
-        with st.h5("top_activations.h5") as f:
-            write_h5(f, p, r)
-        return None
-
-    res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
-    saved(gl, res)
-    fs, r = read_h5(res.artifact.file("top_activations.h5"))
-    ctxs = contexts(lm.tokenizer, fs, r)
-    data = {"key": res.artifact.key, "features": {str(f): rows for f, rows in ctxs.items()}}
-    emit(gl, data, table=lambda: _top_table(ctxs), keys=[res.artifact.key])
+    out = run_top_activations(run_env(gl), TopRequest(sae=sae, features=feats, model=model, dataset=dataset, tokens=tokens,
+                                                      ctx_len=ctx_len, n_top=n_top, name=name, force=force))
+    emit(gl, out.data, table=lambda: _top_table(out.contexts), keys=[out.result.artifact.key])
 
 
 def _top_table(ctxs: dict):
