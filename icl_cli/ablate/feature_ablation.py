@@ -15,6 +15,13 @@ For every feature set S and every measured task t:
 3. nll (first ``n_first`` answer tokens of the query), acc and all_pairs_logprob (SPEC §3) of
    the ablated run beside the clean one. Without ``cross_task`` a task's own set is measured on
    that task only; with it, every set on every task (ablate the features of A, measure B).
+4. What can be read from it (SPEC §7): the rise of a loss, ``loss_rise``, on the query's answer
+   (``nll``) or over every pair but the first (``apl``: −all_pairs_logprob, the circuit metric,
+   which includes the early pairs a model still gets wrong). A task whose clean loss on the
+   metric is under ``FLOOR_NLL`` cannot show a rise: it reads "cannot detect", never 0. A set
+   without features measures nothing: it is listed apart and left out of every mean.
+   The cross-task summaries use ``apl`` by default: on a model that solves the query at the
+   floor (the toy model: 19-shot nll 0.00-0.04), the early pairs still carry loss.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ from icl_cli.core.errors import IclError
 FORMAT_VERSION = 1
 ROLE_CHOICES = ROLES + ("all",)
 METRICS = ("nll", "acc", "apl")
+LOSSES = ("apl", "nll")
+"""The losses a cross-task summary can read (``loss_rise``); the first is the default."""
+FLOOR_NLL = 0.05
+"""A clean loss under this many nats is at its floor: an ablation cannot show a rise on it (SPEC §7)."""
 N_ROLE_ROWS = 1 + len(ROLES)  # row 0: tokens without a role
 
 FeatureSets = Mapping[str, Mapping[str, Sequence[int]]]
@@ -266,12 +277,15 @@ def read_h5(path) -> AblateResult:
         raise IclError(f"{path} is not a readable ablate artifact ({exc}); run `icl store verify`") from None
 
 
-def summary_json(key: str, r: AblateResult, p: AblateParams) -> dict:
-    """JSON: per set and measured task, the clean and ablated metrics and Δnll (ablated − clean)."""
+def summary_json(key: str, r: AblateResult, p: AblateParams, metric: str = "apl") -> dict:
+    """JSON: per set and measured task, the clean and ablated metrics, Δnll and the loss rise on
+    ``metric``; with cross_task, the own/other summary over measurable cells (``cross_summary``)."""
 
     def f(x: Tensor) -> float | None:
         return None if torch.isnan(x) else float(x)
 
+    rise = loss_rise(r, metric)
+    ok_t = detectable(r, metric)
     cells = {}
     for i, s in enumerate(r.sets):
         row = {}
@@ -279,26 +293,81 @@ def summary_json(key: str, r: AblateResult, p: AblateParams) -> dict:
             if torch.isnan(r.ablated["nll"][i, j]):
                 continue
             row[t] = {**{m: f(r.ablated[m][i, j]) for m in METRICS},
-                      "delta_nll": f(r.ablated["nll"][i, j] - r.base["nll"][j])}
+                      "delta_nll": f(r.ablated["nll"][i, j] - r.base["nll"][j]),
+                      "loss_rise": f(rise[i, j]) if bool(ok_t[j]) else "cannot detect"}
         cells[s] = {"features": r.features.get(s, {}), "measured": row}
     base = {t: {m: f(r.base[m][j]) for m in METRICS} for j, t in enumerate(r.tasks)}
     out = {"key": key, "roles": list(p.roles), "mode": p.mode, "cross_task": p.cross_task, "tasks": r.tasks,
-            "sets": r.sets, "base": base, "ablated": cells,
-            "delta_nll": [[f(r.ablated["nll"][i, j] - r.base["nll"][j]) for j in range(len(r.tasks))]
-                          for i in range(len(r.sets))]}
+           "sets": r.sets, "base": base, "ablated": cells, "metric": metric,
+           "delta_nll": [[f(r.ablated["nll"][i, j] - r.base["nll"][j]) for j in range(len(r.tasks))]
+                         for i in range(len(r.sets))],
+           "cannot_detect": [t for j, t in enumerate(r.tasks) if not bool(ok_t[j])], "empty_sets": empty_sets(r)}
     if p.cross_task:
-        out["own_worst_share"] = own_worst_share(r)
+        out["summary"] = cross_summary(r, metric)
+        out["own_worst_share"] = out["summary"]["own_worst_share"]
     return out
 
 
-def own_worst_share(r: AblateResult) -> float | None:
-    """Share of measured tasks whose loss rises most when their own features are ablated (cross-task)."""
-    delta = r.ablated["nll"] - r.base["nll"][None, :]  # [S, T]
+def base_loss(r: AblateResult, metric: str = "apl") -> Tensor:
+    """[T] clean loss of each measured task on ``metric`` (nats): nll, or −all_pairs_logprob."""
+    if metric not in LOSSES:
+        raise IclError(f"unknown --metric {metric!r}; use one of {', '.join(LOSSES)}")
+    return r.base["nll"] if metric == "nll" else -r.base["apl"]
+
+
+def loss_rise(r: AblateResult, metric: str = "apl") -> Tensor:
+    """[S, T] ablated − clean loss on ``metric`` (nats; NaN where not measured)."""
+    ablated = r.ablated["nll"] if metric == "nll" else -r.ablated["apl"]
+    return ablated - base_loss(r, metric)[None, :]
+
+
+def detectable(r: AblateResult, metric: str = "apl") -> Tensor:
+    """[T] bool: the task's clean loss is at least FLOOR_NLL, so a rise can show."""
+    return base_loss(r, metric) >= FLOOR_NLL
+
+
+def empty_sets(r: AblateResult) -> list[str]:
+    """Sets with no feature in any dictionary (nothing was ablated: not a measurement)."""
+    return [s for s in r.sets if r.features and not any(len(ids) for ids in r.features.get(s, {}).values())]
+
+
+def cross_summary(r: AblateResult, metric: str = "apl") -> dict:
+    """Own-task and other-task mean loss rises over the measurable cells only (SPEC §7): columns whose
+    clean loss is at the floor and rows whose set is empty are listed apart and left out."""
+    rise = loss_rise(r, metric)
+    ok_t = detectable(r, metric)
+    empty = set(empty_sets(r))
+    own_cells, other_cells = [], []
+    for i, s in enumerate(r.sets):
+        if s in empty:
+            continue
+        for j, t in enumerate(r.tasks):
+            v = float(rise[i, j])
+            if not ok_t[j] or v != v:
+                continue
+            (own_cells if s == t else other_cells).append(v)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"metric": metric, "floor_nats": FLOOR_NLL, "own_mean": mean(own_cells), "other_mean": mean(other_cells),
+            "n_own": len(own_cells), "n_other": len(other_cells),
+            "cannot_detect": [t for j, t in enumerate(r.tasks) if not ok_t[j]], "empty_sets": sorted(empty),
+            "own_worst_share": own_worst_share(r, metric)}
+
+
+def own_worst_share(r: AblateResult, metric: str = "nll") -> float | None:
+    """Share of measured tasks whose loss rises most when their own features are ablated (cross-task).
+    Tasks at the floor of ``metric`` and empty sets take no part."""
+    delta = loss_rise(r, metric)  # [S, T]
+    ok_t = detectable(r, metric)
+    empty = set(empty_sets(r))
     hits, n = 0, 0
     for j, t in enumerate(r.tasks):
-        if t not in r.sets or torch.isnan(delta[:, j]).all():
+        if t not in r.sets or t in empty or not bool(ok_t[j]) or torch.isnan(delta[:, j]).all():
             continue
-        col = torch.nan_to_num(delta[:, j], nan=float("-inf"))
+        col = delta[:, j].clone()
+        for i, s in enumerate(r.sets):
+            if s in empty:
+                col[i] = float("nan")
+        col = torch.nan_to_num(col, nan=float("-inf"))
         n += 1
         hits += int(int(col.argmax()) == r.sets.index(t))
     return hits / n if n else None

@@ -343,3 +343,33 @@ def test_per_feature_share_is_the_mean_of_each_tasks_best_feature_not_the_pooled
     assert per["output"] == pytest.approx((10.0 + 0.0) / 2)
     pooled = r.percent()
     assert pooled["arrow"] == pytest.approx(100 * 10 / 102) and pooled["output"] == pytest.approx(100 * 91 / 102)
+
+
+def test_cross_task_summary_leaves_out_floor_tasks_and_empty_sets():
+    """SPEC §7: a task whose clean loss is under 0.05 nats reads "cannot detect" (not +0.000) and a set
+    without features is listed apart; neither enters a mean. Means written out by hand."""
+    from icl_cli.ablate.feature_ablation import AblateParams, AblateResult, cross_summary, summary_json
+
+    sets, tasks = ["a", "b", "c"], ["a", "b", "c"]
+    base = {"nll": torch.tensor([0.01, 1.0, 2.0]), "acc": torch.ones(3), "apl": torch.tensor([-0.5, -0.02, -1.0])}
+    abl_nll = torch.tensor([[0.02, 1.1, 2.2],
+                            [0.5, 1.6, 2.1],
+                            [0.01, 1.0, 2.0]])
+    abl = {"nll": abl_nll, "acc": torch.ones(3, 3), "apl": torch.tensor([[-0.9, -0.03, -1.2],
+                                                                         [-0.6, -0.5, -1.1],
+                                                                         [-0.5, -0.02, -1.0]])}
+    feats = {"a": {"sae": [1]}, "b": {"sae": [2, 3]}, "c": {"sae": []}}
+    r = AblateResult(sets, tasks, base, abl, feats)
+    nll = cross_summary(r, "nll")
+    assert nll["cannot_detect"] == ["a"] and nll["empty_sets"] == ["c"]
+    # measurable cells: columns b, c; rows a, b. own: (b,b) 0.6; other: (a,b) 0.1, (a,c) 0.2, (b,c) 0.1
+    assert nll["own_mean"] == pytest.approx(0.6) and nll["other_mean"] == pytest.approx((0.1 + 0.2 + 0.1) / 3)
+    assert nll["n_own"] == 1 and nll["n_other"] == 3
+    apl = cross_summary(r, "apl")  # the all-pairs loss: task b's 0.02 is at the floor, task a's 0.5 is not
+    assert apl["cannot_detect"] == ["b"]
+    # own: (a,a) 0.4; other: (a,c) 0.2, (b,a) 0.1, (b,c) 0.1
+    assert apl["own_mean"] == pytest.approx(0.4) and apl["other_mean"] == pytest.approx(0.4 / 3)
+    data = summary_json("k" * 64, r, AblateParams(cross_task=True), metric="nll")
+    assert data["ablated"]["b"]["measured"]["a"]["loss_rise"] == "cannot detect"
+    assert data["ablated"]["b"]["measured"]["b"]["loss_rise"] == pytest.approx(0.6)
+    assert data["empty_sets"] == ["c"] and data["summary"]["own_mean"] == pytest.approx(0.6)

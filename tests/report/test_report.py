@@ -222,8 +222,8 @@ def test_ablate_mass_cross_task_and_link(tmp_path):
             write_mass(f, MassResult(["a", "b"], {"a": [10], "b": [11]}, {"a": mass_a, "b": mass_b}))
 
     nan = float("nan")
-    base = {"nll": torch.tensor([1.0, 2.0]), "acc": torch.ones(2), "apl": torch.zeros(2)}
-    abl = {"nll": torch.tensor([[1.5, 2.1], [1.2, 3.0]]), "acc": torch.ones(2, 2), "apl": torch.zeros(2, 2)}
+    base = {"nll": torch.tensor([1.0, 2.0]), "acc": torch.ones(2), "apl": -torch.tensor([1.0, 2.0])}
+    abl = {"nll": torch.tensor([[1.5, 2.1], [1.2, 3.0]]), "acc": torch.ones(2, 2), "apl": -torch.tensor([[1.5, 2.1], [1.2, 3.0]])}
 
     def cross(st):
         with st.h5("ablate.h5") as f:
@@ -249,9 +249,10 @@ def test_ablate_mass_cross_task_and_link(tmp_path):
     assert mass_sec.summary["pooled_percent"]["arrow"] == pytest.approx(100 * 10 / 12)
     assert mass_sec.summary["headline"][0]["ours"].startswith("70.0% (one best feature of each of 2 tasks; pooled 83.3%)")
     assert "89.8%" in mass_sec.summary["headline"][0]["paper"]
-    # own-task Δnll: a on a +0.5, b on b +1.0; others: a on b +0.1, b on a +0.2
-    assert cross_sec.summary["own_mean_delta_nll"] == pytest.approx(0.75)
-    assert cross_sec.summary["other_mean_delta_nll"] == pytest.approx(0.15)
+    # own-task rise of the all-pairs loss: a on a +0.5, b on b +1.0; others: a on b +0.1, b on a +0.2
+    assert cross_sec.summary["own_mean_rise"] == pytest.approx(0.75)
+    assert cross_sec.summary["other_mean_rise"] == pytest.approx(0.15)
+    assert cross_sec.summary["cannot_detect"] == [] and cross_sec.summary["headline"][0]["detectable"]
     # ratio[d, e] over e's own task: d20 on e10 = 1/4, d21 on e11 = 0.5/2 (own); d20 on e11 = 2/2, d21 on e10 = 4/4
     assert link_sec.summary["own_mean_ratio"] == pytest.approx(0.25)
     assert link_sec.summary["other_mean_ratio"] == pytest.approx(1.0)

@@ -125,62 +125,90 @@ class AblateRenderer(Renderer):
 
     # ---- feature-set ablation (the cross-task matrix) -------------------------------------
     def _features(self, art, out: Path | None) -> Section:
-        from icl_cli.ablate.feature_ablation import read_h5
+        from icl_cli.ablate.feature_ablation import FLOOR_NLL, cross_summary, detectable, empty_sets, loss_rise, read_h5
 
         r = read_h5(art.file("ablate.h5"))
         what, _ = _what(art)
-        base = r.base["nll"].numpy()
-        delta = r.ablated["nll"].numpy() - base[None, :]
+        metric = "apl"
+        unit = "loss over every pair but the first (−all-pairs log-prob)"
+        rise = loss_rise(r, metric).numpy()
+        ok_t = detectable(r, metric).numpy()
+        empty = empty_sets(r)
+        live = np.array([s not in empty for s in r.sets])
+        shown = np.where(ok_t[None, :] & live[:, None], rise, np.nan)
         own = np.array([[s == t for t in r.tasks] for s in r.sets])
         roles = art.params.get("roles", ["arrow"])
-        summary = {"set": what, "sets": r.sets, "tasks": r.tasks, "delta_nll": delta.tolist(), "roles": roles}
+        cs = cross_summary(r, metric)
+        summary = {"set": what, "sets": r.sets, "tasks": r.tasks, "metric": metric,
+                   "loss_rise": np.where(np.isfinite(shown), shown, None).tolist(), "roles": roles,
+                   "delta_nll": (r.ablated["nll"] - r.base["nll"][None, :]).tolist(),
+                   "cannot_detect": cs["cannot_detect"], "empty_sets": cs["empty_sets"]}
         sec = Section(art.key, art.step, f"Ablating {what} at {', '.join(roles)} tokens"
                       + (" (cross-task)" if art.params.get("cross_task") else ""), summary)
-        d_own = delta[own & np.isfinite(delta)]
-        d_other = delta[~own & np.isfinite(delta)]
-        if d_own.size:
-            summary["own_mean_delta_nll"] = float(d_own.mean())
-            text = f"Ablating a task's {what} raises its own nll by {d_own.mean():+.3f} nats on average"
-            if d_other.size:
-                summary["other_mean_delta_nll"] = float(d_other.mean())
-                text += f", other tasks' by {d_other.mean():+.3f}"
-                summary["headline"] = [{"finding": f"Cross-task ablation of {what} (few-shot prompts)",
-                                        "ours": f"own task Δnll {d_own.mean():+.3f}, other tasks {d_other.mean():+.3f} nats",
-                                        "paper": "ablating a task's executors hurts that task most (qualitative, cross-task matrix)"}]
-            sec.notes.append(text + ".")
-        rows = [[s, t, fmt(float(base[j]), 3), fmt(float(r.ablated["nll"][i, j]), 3), f"{delta[i, j]:+.3f}"]
-                for i, s in enumerate(r.sets) for j, t in enumerate(r.tasks) if np.isfinite(delta[i, j]) and (own[i, j] or not own.any())]
-        sec.tables.append(Table(f"nll of few-shot prompts with the {what} ablated", ["features of", "measured on", "nll clean",
-                                                                                   "nll ablated", "Δnll"], rows, align="llrrr"))
+        apart = []
+        if cs["cannot_detect"]:
+            apart.append(f"cannot detect on {', '.join(cs['cannot_detect'])} (clean loss under {FLOOR_NLL} nats: at the floor)")
+        if cs["empty_sets"]:
+            apart.append(f"no {what} for {', '.join(cs['empty_sets'])} (empty set: not measured)")
+        if cs["own_mean"] is not None:
+            summary["own_mean_rise"] = cs["own_mean"]
+            text = f"Ablating a task's {what} raises its own {unit} by {cs['own_mean']:+.3f} nats on average ({cs['n_own']} tasks)"
+            if cs["other_mean"] is not None:
+                summary["other_mean_rise"] = cs["other_mean"]
+                text += f", other tasks' by {cs['other_mean']:+.3f} ({cs['n_other']} cells)"
+            sec.notes.append(text + "." + (" Left out: " + "; ".join(apart) + "." if apart else ""))
+        elif apart:
+            sec.notes.append("Nothing measurable: " + "; ".join(apart) + ".")
+        if art.params.get("cross_task"):
+            ours = (f"own task {cs['own_mean']:+.3f}, other tasks {cs['other_mean']:+.3f} nats of all-pairs loss"
+                    if cs["own_mean"] is not None and cs["other_mean"] is not None else "cannot detect: no measurable cell")
+            summary["headline"] = [{"finding": f"Cross-task ablation of {what} (few-shot prompts)",
+                                    "ours": ours + (f" ({'; '.join(apart)})" if apart else ""),
+                                    "paper": "ablating a task's executors hurts that task most (qualitative, cross-task matrix)",
+                                    "detectable": cs["own_mean"] is not None}]
+        rows = []
+        for i, s in enumerate(r.sets):
+            for j, t in enumerate(r.tasks):
+                if not (own[i, j] or not own.any()) or not np.isfinite(rise[i, j]):
+                    continue
+                cell = "cannot detect" if not ok_t[j] else ("empty set" if not live[i] else f"{rise[i, j]:+.3f}")
+                rows.append([s, t, fmt(float(-r.base["apl"][j]), 3), fmt(float(-r.ablated["apl"][i, j]), 3), cell])
+        sec.tables.append(Table(f"{unit} of few-shot prompts with the {what} ablated", ["features of", "measured on", "clean",
+                                                                                    "ablated", "rise"], rows, align="llrrr"))
         if art.params.get("cross_task") and len(r.sets) > 1:
             from icl_cli.report.terminal import heatmap as term_heatmap
 
-            sec.terminal.append(term_heatmap("Δnll: ablate the row's features, measure the column's task", delta, r.sets,
-                                             [str(k + 1) for k in range(len(r.tasks))], digits=2,
+            sec.terminal.append(term_heatmap("loss rise (all pairs): ablate the row's features, measure the column's task "
+                                             "(blank: cannot detect or empty set)", shown, r.sets,
+                                             [str(k + 1) for k in range(len(r.tasks))], digits=3,
                                              caption="columns: " + ", ".join(f"{k + 1} {t}" for k, t in enumerate(r.tasks))))
             if out is not None:
-                sec.figures.append(self._cross_figure(art, r, delta, own, what, out))
+                sec.figures.append(self._cross_figure(art, r, shown, own, what, out, ok_t, live))
         return sec
 
     @staticmethod
-    def _cross_figure(art, r, delta, own, what: str, out: Path) -> Figure:
+    def _cross_figure(art, r, delta, own, what: str, out: Path, ok_t=None, live=None) -> Figure:
         from icl_cli.report.figures import heatmap, heatmap_size, outline, plt, save, task_label
 
         p = plt()
-        rows, cols = [task_label(s) for s in r.sets], [task_label(t) for t in r.tasks]
+        rows = [task_label(s) + ("" if live is None or live[i] else " (empty)") for i, s in enumerate(r.sets)]
+        cols = [task_label(t) + ("" if ok_t is None or ok_t[j] else " (floor)") for j, t in enumerate(r.tasks)]
         fig, ax = p.subplots(figsize=heatmap_size(len(rows), len(cols), max(map(len, rows)), max(map(len, cols))))
-        heatmap(ax, delta, rows, cols, cmap="RdBu_r", center=0.0, cbar="Δnll, ablated − clean (nats)", fmt="{:+.2f}",
-                annotate=len(cols) <= 12)
+        finite = delta[np.isfinite(delta)]
+        small = finite.size and np.abs(finite).max() < 0.05
+        heatmap(ax, delta, rows, cols, cmap="RdBu_r", center=0.0, cbar="loss rise, ablated − clean (nats)",
+                fmt="{:+.1e}" if small else "{:+.2f}", annotate=len(cols) <= 12)
         for i in range(len(rows)):
             for j in range(len(cols)):
                 if own[i, j]:
                     outline(ax, i, j, "black")
-        ax.set_xlabel("task measured")
+        ax.set_xlabel("task measured ((floor): clean loss under 0.05 nats, cannot detect)")
         ax.set_ylabel(f"task whose {what}\nare ablated")
-        ax.set_title(f"Cross-task ablation ({what} at {', '.join(art.params.get('roles', ['arrow']))} tokens)")
+        ax.set_title(f"Cross-task ablation ({what} at {', '.join(art.params.get('roles', ['arrow']))} tokens), all-pairs loss")
         files = save(fig, out, f"ablate-{art.key[:8]}-cross-task")
-        return Figure("Cross-task ablation matrix", f"Change of the few-shot loss of the column's task when the {what} of the "
-                      "row's task are ablated (SPEC §7); outlined: the task's own features.", files)
+        return Figure("Cross-task ablation matrix", f"Rise of the all-pairs loss (every pair but the first) of the column's "
+                      f"task when the {what} of the row's task are ablated (SPEC §7); outlined: the task's own features; "
+                      "blank: cannot detect (clean loss at the floor) or an empty set.", files)
 
     # ---- detector → executor link ----------------------------------------------------------
     def _link(self, art, out: Path | None) -> Section:
