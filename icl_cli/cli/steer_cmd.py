@@ -9,29 +9,17 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from icl_cli.cli.common import load_lm, maybe_artifact, saved, task_progress
-from icl_cli.cli.context import emit, g, log
-from icl_cli.cli.shard_cli import SHARD_HELP, finish
+from icl_cli.cli.common import run_env
+from icl_cli.cli.context import emit, g
+from icl_cli.cli.shard_cli import SHARD_HELP, emit_step
 from icl_cli.core.errors import IclError
 
 app = typer.Typer(help="Steer with SAE features: executor / detector heatmaps, negative steering, exploration.",
                   invoke_without_command=True)
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise IclError(f"{what} takes comma-separated integers, got {text!r}") from None
-    if not out:
-        raise IclError(f"{what} is empty; give comma-separated feature ids")
-    return out
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -65,174 +53,24 @@ def steer_cmd(
     """Steer held-out prompts with each feature: the tasks × features heatmap, executors, negative sweeps."""
     if ctx.invoked_subcommand is not None:
         return
-    from icl_cli.clean.cleaning import read_h5 as read_clean
-    from icl_cli.core.identity import model_fingerprint, tasks_digest
-    from icl_cli.core.models import resolve_device, resolve_dtype
-    from icl_cli.core.sites import HookedModel
-    from icl_cli.core.tasks import resolve_tasks
-    from icl_cli.steer.heatmaps import FORMAT_VERSION, NEGATIVE_SCALES, PromptSource, SteerParams, read_h5, run_steer, summary_json
-    from icl_cli.store import StepSpec
+    from icl_cli.steer.step import SteerRequest, run_steer
 
     gl = g(ctx)
     if clean is None:
         raise IclError("--clean is required: the clean artifact whose features to steer (make one with `icl clean`)")
-    p = SteerParams(mode=mode, scale=scale, scales=_floats(scales) if scales.strip() else NEGATIVE_SCALES,
-                    n_prompts=n_prompts, min_effect=min_effect, max_other=max_other, batch_size=batch_size)
-    store = gl.store()
-    clean_art = store.resolve(clean, step="clean")
-    detectors = bool(clean_art.params.get("detectors"))
-    if mode == "detector" and not detectors:
-        raise IclError(f"clean artifact {clean_art.key[:12]} holds task-vector features, not detectors; "
-                       "make one with `icl clean --detectors --sae SAE_OF_LAYER_L-1` for --mode detector")
-    if mode != "detector" and detectors:
-        raise IclError(f"clean artifact {clean_art.key[:12]} holds detector features (clean --detectors); "
-                       "use --mode detector, or a clean artifact of task vectors")
-    tv_art = store.resolve(clean_art.inputs["tv"], step="collect")
-    cp = tv_art.params
-    layer, cres = read_clean(clean_art.file("clean.h5"))
-    sae_art, sae_ref, d = _sae(gl, store, sae, clean_art, lambda cfg: _check_sae(cfg, layer, cp, clean_art.key))
-    names = list(cres) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    missing = [t for t in names if t not in cres]
-    if missing or not names:
-        raise IclError(f"task(s) {', '.join(missing) or '(none)'} are not in clean artifact {clean_art.key[:12]}; "
-                       f"it holds {', '.join(cres)}")
-    kept = {t: list(cres[t].features) for t in names}
-    feats, per_task, exec_art = _features(store, features, executors, p, names, kept, layer, sae_art)
-    width = d.cfg.d_sae
-    beyond = [f for f in feats if not 0 <= f < width]
-    if beyond:
-        raise IclError(f"feature id {beyond[0]} is beyond the SAE's width ({width} features, ids 0-{width - 1}); "
-                       f"pass ids below {width}")
-    if not feats and p.mode != "negative":
-        raise IclError(f"clean artifact {clean_art.key[:12]} kept no feature for {', '.join(names)}; pass --features")
-    task_list = resolve_tasks(cp["tasks"], cp.get("tasks_dir"))
-    if tasks_digest(task_list) != cp["tasks_digest"]:
-        raise IclError(f"the task data changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
-    suite = {t.name: t for t in task_list}
-    src = PromptSource.from_collect(cp)
-    dtype = str(resolve_dtype(gl.dtype, resolve_device(gl.device)))
-    params = {**p.__dict__, "layer": layer, "tasks": names, "features": feats, "task_features": per_task,
-              "sae": sae_ref, "dtype": dtype}
-    if p.mode == "negative":
-        params.pop("scale")
-    else:
-        params.pop("scales")
-    spec = StepSpec("steer", params, {"clean": clean_art, "sae": sae_art, "executors": exec_art}, FORMAT_VERSION)
-    from icl_cli.store import shards as sharding
+    req = SteerRequest(clean=clean, sae=sae, mode=mode, features=features, tasks=tasks, scale=scale,
+                       scales=_floats(scales) if scales.strip() else None, n_prompts=n_prompts, min_effect=min_effect,
+                       max_other=max_other, executors=executors, normalise=normalise, batch_size=batch_size, shard=shard,
+                       name=name, force=force)
+    emit_step(gl, run_steer(run_env(gl), req), lambda out: _views(out, mode, normalise, max_columns))
 
-    part, torchrun = sharding.resolve(shard)
-    holder = {}
 
-    def compute(st, subset):
-        from icl_cli.steer.heatmaps import write_h5
-
-        lm = load_lm(gl, cp["model"])
-        if model_fingerprint(lm.model) != cp["model_fingerprint"]:
-            raise IclError(f"model {cp['model']} has changed since collect artifact {tv_art.key[:12]} was made; re-run `icl collect`")
-        hm = HookedModel(lm.model)
-        if d.cfg.d_in != hm.d_model:
-            raise IclError(f"the SAE has d_in {d.cfg.d_in} but {cp['model']} has d_model {hm.d_model}: it belongs to another model")
-        with task_progress(gl, len(subset), f"steer ({p.mode})") as advance:
-            res = run_steer(hm, lm.tokenizer, [suite[t] for t in subset], layer, d.to(lm.device), p, src, feats, kept,
-                            per_task, cp["model"], progress=advance, work_dir=st.work_dir, device=lm.device)
-        with st.h5("steer.h5") as f:
-            write_h5(f, res)
-        holder["res"] = res
-        return {"mean_base_nll": float(res.base_nll.mean())}
-
-    def merge(st, parts):
-        from icl_cli.steer.heatmaps import merge_rows, steer_result, write_h5
-
-        rows = merge_rows([read_h5(art.file("steer.h5")) for _, art in parts], names)
-        res = steer_result(p, layer, cp["model"], names, feats, rows, kept, per_task)
-        with st.h5("steer.h5") as f:
-            write_h5(f, res)
-        holder["res"] = res
-        return {"mean_base_nll": float(res.base_nll.mean())}
-
-    done = sharding.run(store, spec, names, compute, merge, shard=part, torchrun=torchrun, name=name, force=force,
-                        say=lambda m: log(m, ctx_globals=gl))
-    if not finish(gl, done, names):
-        return
-    out = done.result
-    saved(gl, out)
-    res = (not out.reused and holder.get("res")) or read_h5(out.artifact.file("steer.h5"))
-    data = summary_json(out.artifact.key, res, normalise)
+def _views(out, mode: str, normalise: bool, max_columns: int):
     from icl_cli.steer.view import heatmap_tables, negative_table
 
-    table = (lambda: negative_table(res, out.artifact.key)) if p.mode == "negative" else \
-        (lambda: heatmap_tables(res, out.artifact.key, normalise, max_columns))
-    emit(gl, data, table=table, keys=[out.artifact.key])
-
-
-def _sae(gl, store, ref: str | None, clean_art, check):
-    """(artifact or None, reference string or None, Dictionary) of --sae or of the clean artifact;
-    ``check(cfg)`` runs before a folder is imported into the store."""
-    from icl_cli.dictionaries.io import load_dictionary
-
-    if ref is None:
-        key = clean_art.inputs.get("sae")
-        ref = None if key else clean_art.params.get("sae")
-        if not key and not ref:
-            raise IclError(f"clean artifact {clean_art.key[:12]} does not say which SAE it used; pass --sae")
-        art = store.resolve(key) if key else None
-    else:
-        art = maybe_artifact(store, ref)
-    d = load_dictionary(art if art is not None else ref, store)
-    check(d.cfg)
-    if art is None and Path(ref).exists():  # a folder or file: keyed by its content
-        art = store.import_path(ref, "sae", log=lambda m: log(m, ctx_globals=gl)).artifact
-    return art, (None if art is not None else ref), d
-
-
-def _check_sae(cfg, layer: int, cp: dict, clean_key: str) -> None:
-    """The SAE must read resid_pre at the clean artifact's layer of the same model."""
-    from icl_cli.core.models import same_model
-
-    if cfg.site != "resid_pre":
-        raise IclError(f"steering needs an SAE on resid_pre; this one is on {cfg.site}")
-    if cfg.layer is not None and cfg.layer != layer:
-        raise IclError(f"the SAE is for layer {cfg.layer} but clean artifact {clean_key[:12]} is at layer {layer}; "
-                       f"pass an SAE of layer {layer} (or leave out --sae to use the clean artifact's)")
-    if cfg.model and not same_model(cfg.model, cp["model"]):
-        raise IclError(f"the SAE was trained on {cfg.model} but clean artifact {clean_key[:12]} comes from {cp['model']}; "
-                       "pass an SAE of that model")
-    trained_on = (cfg.extra or {}).get("model_fingerprint")
-    if trained_on and trained_on != cp["model_fingerprint"]:
-        raise IclError(f"the SAE was trained on other weights of {cp['model']} than clean artifact {clean_key[:12]} used; "
-                       "pass the SAE the clean step used")
-
-
-def _features(store, features: str, executors: str | None, p, names: list[str], kept: dict, layer: int, sae_art):
-    """(features steered, per-task feature sets for negative mode or None, executors artifact or None)."""
-    from icl_cli.steer.heatmaps import read_h5, specificity
-
-    explicit = None if features.strip() == "all-kept" else _ints(features, "--features")
-    if p.mode != "negative":
-        if executors is not None:
-            raise IclError("--executors is for --mode negative")
-        return (explicit if explicit is not None else sorted({f for t in names for f in kept[t]})), None, None
-    exec_art = None
-    if explicit is not None and executors is not None:
-        raise IclError("pass either --features or --executors for negative steering, not both")
-    if explicit is not None:
-        per_task = {t: explicit for t in names}
-    elif executors is not None:
-        exec_art = store.resolve(executors, step="steer")
-        r = read_h5(exec_art.file("steer.h5"))
-        if r.mode != "executor":
-            raise IclError(f"steer artifact {exec_art.key[:12]} is a {r.mode} artifact; --executors needs an executor heatmap")
-        if r.layer != layer or (sae_art is not None and exec_art.inputs.get("sae") not in (None, sae_art.key)):
-            raise IclError(f"steer artifact {exec_art.key[:12]} steered another SAE or layer ({r.layer}) than this run ({layer})")
-        lost = [t for t in names if t not in r.tasks]
-        if lost:
-            raise IclError(f"steer artifact {exec_art.key[:12]} has no executors for {', '.join(lost)}; it holds {', '.join(r.tasks)}")
-        best = specificity(r.effect).best if len(r.tasks) >= 2 else [int(r.effect[0].argmax())]
-        # a task without executors under the rule falls back to its best feature (row argmax)
-        per_task = {t: (r.selected[t] or [r.features[best[r.tasks.index(t)]]]) for t in names}
-    else:
-        per_task = {t: kept[t] for t in names}
-    return sorted({f for t in names for f in per_task[t]}), per_task, exec_art
+    if mode == "negative":
+        return negative_table(out.res, out.result.artifact.key)
+    return heatmap_tables(out.res, out.result.artifact.key, normalise, max_columns)
 
 
 @app.command("explore")
@@ -247,37 +85,22 @@ def explore_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="Model (default: the one the SAE was trained on)."),
 ) -> None:
     """Greedy completion of a prompt without and with one feature's direction added, side by side."""
-    from icl_cli.core.sites import HookedModel
-    from icl_cli.dictionaries.io import load_dictionary
-    from icl_cli.steer.explore import explore
+    from icl_cli.steer.step import ExploreRequest, run_explore
 
     gl = g(ctx)
-    if not math.isfinite(scale):
-        raise IclError(f"--scale must be a finite number, got {scale}")
-    store = gl.store()
-    art = maybe_artifact(store, sae)
-    d = load_dictionary(art if art is not None else sae, store)
-    if d.cfg.site != "resid_pre":
-        raise IclError(f"explore steers resid_pre; this SAE is on {d.cfg.site}")
-    if not 0 <= feature < d.cfg.d_sae:
-        raise IclError(f"feature id {feature} is beyond the SAE's width ({d.cfg.d_sae} features, ids 0-{d.cfg.d_sae - 1})")
-    lm = load_lm(gl, model or d.cfg.model or "toy-icl")
-    hm = HookedModel(lm.model)
-    if d.cfg.d_in != hm.d_model:
-        raise IclError(f"the SAE has d_in {d.cfg.d_in} but the model has d_model {hm.d_model}: pass --model of the SAE")
     text = prompt.replace("\\n", "\n")
-    c = explore(hm, lm.tokenizer, d.to(lm.device), feature, scale, text, max_new_tokens, where, lm.device)
-    data = {"prompt": text, "feature": feature, "scale": scale, "layer": d.cfg.layer, "where": where,
-            "plain": c.plain, "steered": c.steered, "plain_ids": c.plain_ids, "steered_ids": c.steered_ids}
+    out = run_explore(run_env(gl), ExploreRequest(sae=sae, feature=feature, prompt=text, scale=scale,
+                                                  max_new_tokens=max_new_tokens, where=where, model=model))
+    c = out.completion
 
     def table():
         from rich.table import Table
 
-        tab = Table(title=f"feature {feature} × {scale:g} at resid_pre[{d.cfg.layer}] ({where} token)")
+        tab = Table(title=f"feature {feature} × {scale:g} at resid_pre[{out.layer}] ({where} token)")
         tab.add_column("prompt")
         tab.add_column("without steering")
         tab.add_column("with steering")
         tab.add_row(text.replace("\n", "⏎"), c.plain.replace("\n", "⏎"), c.steered.replace("\n", "⏎"))
         return tab
 
-    emit(gl, data, table=table)
+    emit(gl, out.data, table=table)
