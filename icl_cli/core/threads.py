@@ -15,6 +15,18 @@ below 1. An ``OMP_NUM_THREADS`` set by the user is respected when neither ``--th
 The count is applied once at start-up, before torch does any work: through ``OMP_NUM_THREADS`` /
 ``MKL_NUM_THREADS`` (read when torch is imported) and, if torch is already imported,
 ``torch.set_num_threads``.
+
+Idle workers sleep instead of spinning. torch's CPU kernels, MKL and oneDNN share one OpenMP
+runtime (GNU libgomp in the Linux wheels) whose default keeps a worker that has finished its
+share spinning for a while (hundreds of thousands of pause loops, milliseconds) in case the next
+parallel region comes soon. Between the small parallel regions of a hooked forward pass (Python
+in between), and above all when other jobs share the CPUs, those spins are most of the CPU
+time: a toy collect on 2 CPUs beside two busy jobs took 4-15× the CPU of the same run with
+sleeping workers (``benchmarks/cpu_loaded.py``). So ``OMP_WAIT_POLICY=PASSIVE`` (libgomp and
+LLVM's libomp) and ``KMP_BLOCKTIME=0`` (Intel's libiomp) are set unless the user set them; the
+runtime reads them when it loads, i.e. when torch is imported, so they must be in the
+environment before that (``icl`` applies them in its start-up callback, before any command
+imports torch). ``OMP_WAIT_POLICY=ACTIVE`` in the environment brings the spinning back.
 """
 
 from __future__ import annotations
@@ -30,6 +42,9 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 """Where the cgroup file system is mounted (a module attribute so tests can point it elsewhere)."""
 
 _ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+"""OpenMP settings that make idle workers sleep at once (set unless the user set them)."""
 
 
 def _affinity_cpus() -> int:
@@ -114,13 +129,16 @@ def resolve_threads(requested: str | int | None) -> tuple[int, str]:
 
 
 def apply_threads(n: int) -> None:
-    """Make torch (and the BLAS/OpenMP runtimes below it) use ``n`` intra-op threads.
+    """Make torch (and the BLAS/OpenMP runtimes below it) use ``n`` intra-op threads whose idle
+    workers sleep (WAIT_POLICY, unless already in the environment).
 
     Sets the environment variables the runtimes read when they load; if torch is already imported
-    (tests, notebooks) its pool is resized as well.
+    (tests, notebooks) its pool is resized as well (the wait policy then stays what it was).
     """
     for var in _ENV_VARS:
         os.environ[var] = str(n)
+    for var, value in WAIT_POLICY.items():
+        os.environ.setdefault(var, value)
     torch = sys.modules.get("torch")
     if torch is not None and hasattr(torch, "set_num_threads"):
         torch.set_num_threads(n)

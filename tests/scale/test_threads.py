@@ -140,3 +140,29 @@ def test_cli_bad_threads_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["--store", str(tmp_path), "store", "ls", "--threads", "lots"])
     assert res.exit_code == 1
     assert "--threads" in res.stderr and "Traceback" not in res.stderr
+
+
+
+def _spin_count(env: dict, code: str, args=()) -> int:
+    """How long GNU OpenMP's idle workers spin before sleeping, as the runtime under torch
+    reports it when it loads (OMP_DISPLAY_ENV=VERBOSE); skips on another OpenMP runtime."""
+    import re
+
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                         env={**env, "OMP_DISPLAY_ENV": "VERBOSE"})
+    m = re.search(r"GOMP_SPINCOUNT\s*=\s*'(\d+)'", out.stderr)
+    if m is None:
+        pytest.skip("torch's OpenMP runtime is not GNU libgomp (no GOMP_SPINCOUNT in its settings)")
+    return int(m.group(1))
+
+
+def test_cli_start_up_makes_idle_openmp_workers_sleep(tmp_path):
+    # What the runtime under torch uses, not what our code wrote: libgomp prints its settings when
+    # it loads (at `import torch`, after the CLI's start-up callback ran).
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")}
+    args = ["--store", str(tmp_path), "store", "ls"]
+    assert _spin_count(env, _PROBE, args) == 0
+    # torch alone spins (so the zero above is the CLI's doing)
+    assert _spin_count(env, "import torch; torch.ones(4).sum()") > 0
+    # a user's own choice is kept
+    assert _spin_count({**env, "OMP_WAIT_POLICY": "ACTIVE"}, _PROBE, args) > 0
