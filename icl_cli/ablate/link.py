@@ -1,6 +1,11 @@
-"""Detector → executor link (SPEC §8; Kharlapenko et al. 2025, §4.3).
+"""Detector → executor link (SPEC §8; Kharlapenko et al. 2025, §4.3): two estimands.
 
-For detectors d of an SAE at resid_pre[l_d] and executors e of an SAE at resid_pre[l_e], l_d < l_e:
+``frozen-attention`` (the default, the paper's Fig. 8) lives in ``link_frozen.py``. This module
+holds ``ablation``, a ratio through the whole model (a second estimand, named apart), the
+artifact both write (``link.h5``, attr ``estimand``) and what they share: the executors'
+encoder restricted to the executors (``feature_encoder``).
+
+The ablation estimand, for detectors d of an SAE at resid_pre[l_d] and executors e of an SAE at resid_pre[l_e], l_d < l_e:
 1. Few-shot prompts of each task (held-out queries); resid_pre[l_d] is computed once per task.
 2. before[t, e] = Σ over the arrow tokens of task t's prompts of e's activation (clean run).
 3. For each detector d: remove its decoder direction u = W_dec[d]/‖W_dec[d]‖ from resid_pre[l_d]
@@ -13,6 +18,8 @@ For detectors d of an SAE at resid_pre[l_d] and executors e of an SAE at resid_p
    tasks that select e as an executor (every task when the pairs are given by hand).
 A pair is "own" when some task selects d as a detector and e as an executor; the summary
 compares the mean ratio of own pairs with the mean over every other pair (random pairing).
+Detectors are batched: rows = prompts × a chunk of detectors, one pass per chunk
+(``detectors_per_pass``; 1 is today's loop, one pass per detector).
 """
 
 from __future__ import annotations
@@ -29,8 +36,12 @@ from icl_cli.core.sites import Edit, HookedModel, Site
 from icl_cli.core.tasks import Task
 from icl_cli.core.errors import IclError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the artifact records its estimand (attr ``estimand``); 1 had only the ablation ratio."""
 REMOVALS = ("project", "feature", "steer")
+ESTIMANDS = ("frozen-attention", "ablation")
+PASS_BYTES = 256 * 2**20
+"""Activation memory one batched pass may use (sizes ``detectors_per_pass`` when not given)."""
 
 
 @dataclass
@@ -79,17 +90,49 @@ def removal_edit(det_sae, d: int, mask: Tensor, removal: str, scale: float) -> E
     return fn
 
 
-@torch.no_grad()
-def run_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, detectors: Sequence[int], exe_sae,
-             executors: Sequence[int], p: AblateParams, removal: str = "project", scale: float = 1.0,
-             own_pairs: Sequence[tuple[int, int]] = (), executor_tasks: Mapping[int, Sequence[str]] | None = None,
-             device=None, progress: Callable[[str], None] | None = None) -> LinkResult:
-    """Steps 1-4 above. executor_tasks: e -> the tasks that count for it (default: every task)."""
+ELEMENTWISE = ("standard", "gated", "jumprelu")
+"""Architectures whose feature f's activation depends on f's own encoder column only."""
+_PER_FEATURE = ("b_enc", "W_dec", "threshold", "b_gate", "b_mag", "r_mag")
+
+
+def feature_encoder(sae, ids: Sequence[int]) -> Callable[[Tensor], Tensor]:
+    """fn(x [.., d_in]) -> [.., len(ids)] float activations of features ``ids`` of ``sae``.
+
+    For an elementwise architecture a copy of the SAE cut down to these features (the encoder's
+    cost falls from d_sae to len(ids) columns); otherwise (top-k) the full encoding, indexed.
+    """
+    from dataclasses import replace
+
+    from icl_cli.dictionaries.base import build
+
+    idx = torch.as_tensor(list(ids), dtype=torch.long, device=sae.W_enc.device)
+    if sae.cfg.arch not in ELEMENTWISE:
+        return lambda x: sae.encode(x.to(sae.W_enc.device))[..., idx].float()
+    narrow = build(replace(sae.cfg, d_sae=len(ids))).to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+    state = {k: v[:, idx] if k == "W_enc" else v[idx] if k in _PER_FEATURE else v for k, v in sae.state_dict().items()}
+    narrow.load_state_dict(state)
+    narrow.requires_grad_(False)
+    return lambda x: narrow.encode(x.to(narrow.W_enc.device)).float()
+
+
+def unit_rows(sae, ids: Sequence[int]) -> Tensor:
+    """[n, d] float unit decoder directions W_dec[f]/‖W_dec[f]‖ of features ``ids``."""
+    w = sae.W_dec[torch.as_tensor(list(ids), dtype=torch.long, device=sae.W_dec.device)].float()
+    return w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def per_pass(n_prompts: int, n_pos: int, config, n_out: int, budget: int = PASS_BYTES) -> int:
+    """Detectors per pass so that rows × positions × (a block's widest activations) fit ``budget``."""
+    d = int(config.hidden_size)
+    d_mlp = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
+    per_token = 4 * (8 * d + 3 * d_mlp + heads * n_pos + 2 * n_out)  # float32 bytes
+    return max(1, budget // max(1, n_prompts * n_pos * per_token))
+
+
+def check_link_saes(hm: HookedModel, det_sae, detectors: Sequence[int], exe_sae, executors: Sequence[int]) -> tuple[int, int]:
+    """(detector layer, executor layer) after the checks both estimands share (one-line IclErrors)."""
     ld, le = det_sae.cfg.layer, exe_sae.cfg.layer
-    if removal not in REMOVALS:
-        raise IclError(f"--removal must be one of {', '.join(REMOVALS)}, not {removal!r}")
-    if not (scale == scale) or abs(scale) == float("inf"):
-        raise IclError(f"--scale must be a finite number, not {scale}")
     for sae, what in ((det_sae, "detector"), (exe_sae, "executor")):
         if sae.cfg.site != "resid_pre" or sae.cfg.layer is None:
             raise IclError(f"the {what} SAE must be a resid_pre SAE with a known layer (it is {sae.cfg.site}, layer {sae.cfg.layer})")
@@ -101,42 +144,94 @@ def run_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, detecto
             raise IclError(f"{what} feature(s) {bad} are beyond the SAE's width {sae.cfg.d_sae}")
     if not detectors or not executors:
         raise IclError("the link needs at least one detector and one executor")
-    names = [t.name for t in tasks]
-    exe = torch.as_tensor(list(executors), dtype=torch.long)
-    start, read = Site("resid_pre", ld), Site("resid_post", le - 1)  # resid_post[le-1] is resid_pre[le]
-    before = torch.zeros(len(names), len(executors))
-    after = torch.zeros(len(detectors), len(names), len(executors))
+    return ld, le
 
-    def at_arrows(out, arrows: Tensor) -> Tensor:
-        a = exe_sae.encode(out.acts[read].to(exe_sae.W_enc.device))[..., exe.to(exe_sae.W_enc.device)].float()
-        return (a * arrows[..., None].to(a)).sum((0, 1)).cpu()  # [E]
 
-    for j, t in enumerate(tasks):
-        if progress:
-            progress(t.name)
-        batch = encode_prompts(tokenizer, few_shot_prompts(t, p), n_first=p.n_first, device=device)
-        resid = hm.run(batch.input_ids, batch.attention_mask, read=[start], stop_after=ld).acts[start]
-        arrows, outputs = batch.role_mask("arrow"), batch.role_mask("output")
-        run = lambda edit: hm.run(batch.input_ids, batch.attention_mask, read=[read], edit=edit,  # noqa: E731
-                                  start_at=ld, start_resid=resid, stop_after=le - 1)
-        before[j] = at_arrows(run({}), arrows)
-        for i, d in enumerate(detectors):
-            after[i, j] = at_arrows(run({start: removal_edit(det_sae, d, outputs, removal, scale)}), arrows)
+def own_matrix(detectors: Sequence[int], executors: Sequence[int], own_pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """[D, E] bool: the pair is some task's (detector, executor)."""
     own = torch.zeros(len(detectors), len(executors), dtype=torch.bool)
     for d, e in own_pairs:
         if d in detectors and e in executors:
             own[list(detectors).index(d), list(executors).index(e)] = True
+    return own
+
+
+def task_weights(names: Sequence[str], executors: Sequence[int],
+                 executor_tasks: Mapping[int, Sequence[str]] | None) -> Tensor:
+    """[T, E] bool: task t counts for executor e (T(e); every task when not given)."""
     weights = torch.ones(len(names), len(executors), dtype=torch.bool)
     if executor_tasks is not None:
         for k, e in enumerate(executors):
             if executor_tasks.get(e):
                 weights[:, k] = torch.tensor([n in executor_tasks[e] for n in names])
-    return LinkResult(names, list(detectors), list(executors), before, after, own, weights)
+    return weights
+
+
+def _removal_deltas(x: Tensor, U: Tensor, acts: Tensor | None, W: Tensor, mask: Tensor, removal: str, scale: float) -> Tensor:
+    """[n, B, P, D] float: what ``removal_edit`` adds to x [B, P, D] for each of n detectors
+    (unit directions U [n, D], decoder rows W [n, D], their activations on x ``acts`` [B, P, n])."""
+    xf = x.float()
+    m = mask.to(x.device)[None, ..., None].float()  # [1, B, P, 1]
+    if removal == "project":
+        coef = torch.einsum("bpd,nd->nbp", xf, U)
+        return -m * coef[..., None] * U[:, None, None, :]
+    if removal == "feature":
+        a = acts.permute(2, 0, 1).to(x.device)  # [n, B, P]
+        return -m * a[..., None] * W[:, None, None, :]
+    return -m * scale * U[:, None, None, :].expand(-1, *x.shape[:2], -1)
+
+
+@torch.no_grad()
+def run_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, detectors: Sequence[int], exe_sae,
+             executors: Sequence[int], p: AblateParams, removal: str = "project", scale: float = 1.0,
+             own_pairs: Sequence[tuple[int, int]] = (), executor_tasks: Mapping[int, Sequence[str]] | None = None,
+             device=None, progress: Callable[[str], None] | None = None,
+             detectors_per_pass: int | None = None) -> LinkResult:
+    """Steps 1-4 above (the ``ablation`` estimand). executor_tasks: e -> the tasks that count for
+    it (default: every task). detectors_per_pass: rows of one pass are prompts × this many
+    detectors (default: as many as ``PASS_BYTES`` of activations allow)."""
+    if removal not in REMOVALS:
+        raise IclError(f"--removal must be one of {', '.join(REMOVALS)}, not {removal!r}")
+    if not (scale == scale) or abs(scale) == float("inf"):
+        raise IclError(f"--scale must be a finite number, not {scale}")
+    ld, le = check_link_saes(hm, det_sae, detectors, exe_sae, executors)
+    names = [t.name for t in tasks]
+    start, read = Site("resid_pre", ld), Site("resid_post", le - 1)  # resid_post[le-1] is resid_pre[le]
+    exe_enc = feature_encoder(exe_sae, executors)
+    det_enc = feature_encoder(det_sae, detectors) if removal == "feature" else None
+    before = torch.zeros(len(names), len(executors))
+    after = torch.zeros(len(detectors), len(names), len(executors))
+
+    for j, t in enumerate(tasks):
+        if progress:
+            progress(t.name)
+        batch = encode_prompts(tokenizer, few_shot_prompts(t, p), n_first=p.n_first, device=device)
+        ids, am = batch.input_ids, batch.attention_mask
+        resid = hm.run(ids, am, read=[start], stop_after=ld).acts[start]  # [B, P, D]
+        arrows, outputs = batch.role_mask("arrow").to(resid.device), batch.role_mask("output")
+        B, P, D = resid.shape
+        U, W = unit_rows(det_sae, detectors).to(resid.device), det_sae.W_dec[list(detectors)].float().to(resid.device)
+        acts = det_enc(resid).to(resid.device) if det_enc else None  # [B, P, n_det] for removal "feature"
+        clean = hm.run(ids, am, read=[read], start_at=ld, start_resid=resid, stop_after=le - 1).acts[read]
+        before[j] = (exe_enc(clean).to(resid.device) * arrows[..., None]).sum((0, 1)).cpu()
+        step = detectors_per_pass or per_pass(B, P, hm.model.config, len(executors))
+        for c0 in range(0, len(detectors), step):
+            n = min(step, len(detectors) - c0)
+            sl = slice(c0, c0 + n)
+            delta = _removal_deltas(resid, U[sl], acts[..., sl] if acts is not None else None, W[sl], outputs, removal, scale)
+            x = (resid.float()[None] + delta).to(resid.dtype)  # [n, B, P, D]
+            out = hm.run(ids.repeat(n, 1), am.repeat(n, 1), read=[read], start_at=ld, start_resid=x.reshape(n * B, P, D),
+                         stop_after=le - 1).acts[read]
+            a = exe_enc(out).to(resid.device).reshape(n, B, P, -1)
+            after[sl, j] = (a * arrows[None, ..., None]).sum((1, 2)).cpu()
+    own = own_matrix(detectors, executors, own_pairs)
+    return LinkResult(names, list(detectors), list(executors), before, after, own, task_weights(names, executors, executor_tasks))
 
 
 def write_h5(f, r: LinkResult, removal: str, scale: float, layers: tuple[int, int]) -> None:
-    """/tasks [T] str, /detectors [D], /executors [E] int64, /before [T, E], /after [D, T, E],
-    /ratio [D, E], /own [D, E] bool, /weights [T, E] bool; attrs removal, scale, detector_layer, executor_layer."""
+    """The ablation estimand: /tasks [T] str, /detectors [D], /executors [E] int64, /before [T, E],
+    /after [D, T, E], /ratio [D, E], /own [D, E] bool, /weights [T, E] bool; attrs estimand
+    ("ablation"), removal, scale, detector_layer, executor_layer."""
     import h5py
 
     f.create_dataset("tasks", data=r.tasks, dtype=h5py.string_dtype())
@@ -144,14 +239,21 @@ def write_h5(f, r: LinkResult, removal: str, scale: float, layers: tuple[int, in
     f.create_dataset("executors", data=torch.tensor(r.executors, dtype=torch.long).numpy())
     for name in ("before", "after", "own", "weights", "ratio"):
         f.create_dataset(name, data=getattr(r, name).numpy())
-    f.attrs.update({"removal": removal, "scale": scale, "detector_layer": layers[0], "executor_layer": layers[1]})
+    f.attrs.update({"estimand": "ablation", "removal": removal, "scale": scale, "detector_layer": layers[0],
+                    "executor_layer": layers[1]})
 
 
-def read_h5(path) -> tuple[LinkResult, dict]:
+def read_h5(path):
+    """(result, attrs) of either estimand: a LinkResult (ablation) or a FrozenLinkResult
+    (frozen-attention), told apart by attr ``estimand`` (format 1 artifacts have none: ablation)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
+            if f.attrs.get("estimand", "ablation") == "frozen-attention":
+                from icl_cli.ablate.link_frozen import read_group
+
+                return read_group(f)
             tasks = [x.decode() if isinstance(x, bytes) else str(x) for x in f["tasks"][()]]
             g = lambda k: torch.from_numpy(f[k][()])  # noqa: E731
             r = LinkResult(tasks, f["detectors"][()].tolist(), f["executors"][()].tolist(), g("before"), g("after"),
@@ -161,11 +263,16 @@ def read_h5(path) -> tuple[LinkResult, dict]:
         raise IclError(f"{path} is not a readable link artifact ({exc}); run `icl store verify`") from None
 
 
-def summary_json(key: str, r: LinkResult, attrs: dict) -> dict:
+def summary_json(key: str, r, attrs: dict) -> dict:
+    """The ``--json`` document of either estimand."""
+    if attrs.get("estimand") == "frozen-attention":
+        from icl_cli.ablate.link_frozen import summary_json as frozen_summary
+
+        return frozen_summary(key, r)
     ratio = r.ratio
     own_mean, other_mean, n_own, n_other = r.own_vs_other()
     nan = lambda x: None if x != x else float(x)  # noqa: E731
-    return {"key": key, "removal": attrs.get("removal"), "detector_layer": attrs.get("detector_layer"),
+    return {"key": key, "estimand": "ablation", "removal": attrs.get("removal"), "detector_layer": attrs.get("detector_layer"),
             "executor_layer": attrs.get("executor_layer"), "detectors": r.detectors, "executors": r.executors,
             "ratio": [[nan(x) for x in row] for row in ratio.tolist()], "own": r.own.tolist(),
             "own_mean_ratio": nan(own_mean), "other_mean_ratio": nan(other_mean), "n_own": n_own, "n_other": n_other}
