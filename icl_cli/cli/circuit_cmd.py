@@ -5,6 +5,7 @@
     icl circuit --task antonyms --saes toy-icl-suite --saes resid:3=my-sae --method ig --json
     icl circuit --task all --saes toy-icl-suite --shard 0/4 -q    # SLURM array job 0 of 4
     icl circuit --task all --saes toy-icl-suite -q                # afterwards: every key, computing only what is missing
+    icl circuit serve pipeline-circuit-antonyms KEY2              # the graphs in a browser, on 127.0.0.1:8700 only
 
 Several tasks (a comma list or ``all``) give one circuit artifact per task. ``--shard i/n`` (or
 torchrun's RANK/WORLD_SIZE) computes the circuits of tasks[i::n] only; under torchrun rank 0 then
@@ -25,15 +26,16 @@ from icl_cli.core.errors import IclError
 FORMAT_VERSION = 1
 
 
-def register(app: typer.Typer) -> None:
-    app.command("circuit")(circuit_cmd)
+app = typer.Typer(help="Sparse feature circuits of ICL tasks; `circuit serve` shows their graphs in a browser.",
+                  invoke_without_command=True)
 
 
+@app.callback(invoke_without_command=True)
 def circuit_cmd(
     ctx: typer.Context,
     model: str = typer.Option("toy-icl", "--model", help="Model: preset, HF id or folder."),
-    task: str = typer.Option(..., "--task", help="The task (a built-in name or a JSON file); several (comma list or all): one circuit each."),
-    saes: List[str] = typer.Option(..., "--saes", help="A dictionary suite, and/or KIND:LAYER=REF overrides (repeat)."),
+    task: Optional[str] = typer.Option(None, "--task", help="The task (a built-in name or a JSON file); several (comma list or all): one circuit each."),
+    saes: List[str] = typer.Option([], "--saes", help="A dictionary suite, and/or KIND:LAYER=REF overrides (repeat)."),
     layers: str = typer.Option("all", "--layers", help="Layers of the circuit: all, 5, 2-7, 1,3,5."),
     n_prompts: int = typer.Option(8, "--n-prompts", help="Few-shot prompts the effects are summed over."),
     n_shot: int = typer.Option(16, "--n-shot", help="Examples per prompt."),
@@ -41,6 +43,8 @@ def circuit_cmd(
     ig_steps: int = typer.Option(10, "--ig-steps", help="Integrated-gradient steps."),
     baseline: str = typer.Option("zero", "--baseline", help="zero | mean (mean over each role's tokens)."),
     per_position: bool = typer.Option(False, "--per-position", help="One node per token position instead of per role."),
+    single_token: bool = typer.Option(False, "--single-token", help="Only pairs whose input and output are one token each (the paper's circuits)."),
+    prompt_positions: bool = typer.Option(False, "--prompt-positions", help="One prompt node per instruction token instead of one for the instruction."),
     target: float = typer.Option(0.95, "--target", help="Faithfulness the selected circuit must reach."),
     edge_nodes: int = typer.Option(1000, "--edge-nodes", help="Edges join at most this many selected feature nodes."),
     edge_rows: int = typer.Option(256, "--edge-rows", help="Rows of one batched pass (edges, IG); lower it to save memory."),
@@ -52,6 +56,11 @@ def circuit_cmd(
     force: bool = typer.Option(False, "--force", help="Recompute even if the artifact exists; run even when the estimate exceeds free memory."),
 ) -> None:
     """Node effects, the smallest faithful circuit and its edges, for one task (or one circuit per task of several)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if task is None or not saes:
+        raise typer.BadParameter("pass --task and --saes (or a subcommand: serve)",
+                                 param_hint="'--task' / '--saes'")
     from icl_cli.circuit.compute import CircuitParams
     from icl_cli.circuit.dicts import resolve_dicts
     from icl_cli.core.identity import model_info
@@ -62,7 +71,8 @@ def circuit_cmd(
     gl = g(ctx)
     store = gl.store()
     p = CircuitParams(n_prompts=n_prompts, n_shot=n_shot, method=method, ig_steps=ig_steps, baseline=baseline,
-                      per_position=per_position, target=target, edge_nodes=edge_nodes, template=template, seed=gl.seed)
+                      per_position=per_position, target=target, edge_nodes=edge_nodes, template=template, seed=gl.seed,
+                      single_token=single_token, prompt_positions=prompt_positions)
     if edge_rows < 1:
         raise IclError("--edge-rows must be ≥ 1")
     tasks = resolve_tasks(task)
@@ -269,3 +279,28 @@ def _estimate_table(data: dict):
                  f"(free {free}: {'fits' if data['fits'] else 'does NOT fit'}); about {data['seconds']:.0f} s "
                  f"({data['tflops']:.2f} TFLOP)")
     return t
+
+
+@app.command("serve")
+def serve_cmd(
+    ctx: typer.Context,
+    refs: List[str] = typer.Argument(..., help="Circuit artifacts (key, key prefix or name), circuit.h5 files or exported graph.json files."),
+    port: int = typer.Option(8700, "--port", help="Port on 127.0.0.1 (0: any free port)."),
+    node_threshold: float = typer.Option(0.8, "--node-threshold", help="Keep the nodes holding this share of the influence on the metric (circuit-tracer's pruning)."),
+    edge_threshold: float = typer.Option(0.98, "--edge-threshold", help="Keep the edges holding this share of the influence."),
+) -> None:
+    """Show circuit graphs in a browser: a local viewer on 127.0.0.1, fully offline; Ctrl-C stops it."""
+    from icl_cli.circuit.viewer.serve import load_graphs, make_server
+
+    gl = g(ctx)
+    docs = load_graphs(gl.store(), refs, node_threshold, edge_threshold)
+    server = make_server(docs, port)
+    log(f"serving {len(docs)} graph(s) on {server.url} (this machine only); Ctrl-C stops", ctx_globals=gl)
+    data = {"url": server.url, "graphs": [d["metadata"]["slug"] for d in docs]}
+    emit(gl, data, table=lambda: server.url, keys=[server.url])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
