@@ -126,9 +126,10 @@ def integrated_gradients(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key
 
 def node_scores(hm: HookedModel, batch: PromptBatch, dicts: Mapping[Key, object], method: str = "atp",
                 baseline: str = "zero", per_position: bool = False, ig_steps: int = 10, max_rows: int = 256,
-                progress: Callable[[str], None] | None = None) -> NodeScores:
-    """Node IEs by ``method`` (atp | ig) against ``baseline`` (zero | mean), grouped by role or position."""
-    groups = Groups.of(batch, per_position)
+                progress: Callable[[str], None] | None = None, prompt_positions: bool = False) -> NodeScores:
+    """Node IEs by ``method`` (atp | ig) against ``baseline`` (zero | mean), grouped by role or
+    position (``prompt_positions``: one ``prompt`` group per instruction token)."""
+    groups = Groups.of(batch, per_position, prompt_positions)
     s = clean_pass(hm, batch, dicts, groups, baseline)
     if method == "ig":
         s.ie, s.ie_err = integrated_gradients(hm, batch, dicts, s, ig_steps, max_rows, progress)

@@ -1,6 +1,7 @@
 """One circuit from prompts to graph (SPEC §7): the steps of ``icl circuit`` in order.
 
-1. Sample ``n_prompts`` prompts of ``n_shot`` examples of the task (seeded), tokenise them and
+1. Sample ``n_prompts`` prompts of ``n_shot`` examples of the task (seeded; with
+   ``single_token`` from its pairs whose input and output are one token each), tokenise them and
    find token roles; prompts longer than the model's context are an error.
 2. Node IEs on all_pairs_logprob (attribution.py): attribution patching or integrated gradients,
    zero or mean baseline, summed over the tokens of each role (or position) and over prompts.
@@ -30,7 +31,7 @@ from icl_cli.circuit.faithfulness import Ranking, Selection, select
 from icl_cli.circuit.graph import ERROR, CircuitGraph
 from icl_cli.circuit.splice import Key, ordered
 from icl_cli.core.batch import PromptBatch, encode_prompts
-from icl_cli.core.prompts import get_template, sample_prompts
+from icl_cli.core.prompts import get_template, render, sample_prompts
 from icl_cli.core.sites import HookedModel
 from icl_cli.core.tasks import Task
 from icl_cli.core.errors import IclError
@@ -61,6 +62,11 @@ class CircuitParams:
     """Prompt template."""
     seed: int = 0
     """Seed of prompt sampling."""
+    single_token: bool = False
+    """Only pairs whose input and output are one token each (the paper's circuits), so that
+    ablating a role's token cannot leak through the inner tokens of a multi-token word."""
+    prompt_positions: bool = False
+    """One ``prompt`` node per instruction token (``prompt:<k>``) instead of one for the whole instruction."""
 
     def __post_init__(self) -> None:
         get_template(self.template)
@@ -72,11 +78,32 @@ class CircuitParams:
             raise IclError("need --n-prompts ≥ 1, --n-shot ≥ 2 (the metric skips the first pair), --ig-steps ≥ 1")
         if not 0 < self.target <= 1:
             raise IclError(f"the faithfulness target must lie in (0, 1], got {self.target}")
+        if self.per_position and self.prompt_positions:
+            raise IclError("--per-position already gives one node per position; drop --prompt-positions")
+
+
+def single_token_pairs(tokenizer, pairs, template: str) -> list[tuple[str, str]]:
+    """The pairs whose input and output each lie within one token of a rendered prompt (found from
+    the tokenizer's character offsets, so a word's leading space or separator is allowed)."""
+    out = []
+    for x, y in pairs:
+        text, segments = render([], (x, y), template, with_answer=True)
+        offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        spans = [(s, e) for s, e, kind, _ in segments if kind in ("input", "output")]
+        if all(sum(1 for a, b in offsets if a < e and b > s) == 1 for s, e in spans):
+            out.append((x, y))
+    return out
 
 
 def prompt_batch(tokenizer, task: Task, p: CircuitParams, max_len: int | None, device=None) -> tuple[list, PromptBatch]:
     """Step 1: the prompts and their batch."""
-    prompts = sample_prompts(task.pairs, p.n_prompts, p.n_shot, p.seed, p.template, task_name=task.name)
+    pairs = task.pairs
+    if p.single_token:
+        pairs = single_token_pairs(tokenizer, pairs, p.template)
+        if len(pairs) < p.n_shot + 1:
+            raise IclError(f"task {task.name} has {len(pairs)} single-token pairs (of {len(task.pairs)}), too few for "
+                           f"{p.n_shot}-shot prompts; lower --n-shot or drop --single-token")
+    prompts = sample_prompts(pairs, p.n_prompts, p.n_shot, p.seed, p.template, task_name=task.name)
     batch = encode_prompts(tokenizer, prompts, device=device)
     P = batch.input_ids.shape[1]
     if max_len and P > max_len:
@@ -109,7 +136,8 @@ def compute_circuit(hm: HookedModel, tokenizer, task: Task, dicts: Mapping[Key, 
     prompts, batch = prompt_batch(tokenizer, task, p, context_length(hm.model.config), dev)
     say = progress or (lambda m: None)
     say(f"node effects ({p.method})")
-    s = node_scores(hm, batch, dicts, p.method, p.baseline, p.per_position, p.ig_steps, edge_rows, progress)
+    s = node_scores(hm, batch, dicts, p.method, p.baseline, p.per_position, p.ig_steps, edge_rows, progress,
+                    prompt_positions=p.prompt_positions)
     r = Ranking.of(s.ie)
     say("threshold sweep")
     sel = select(hm, batch, dicts, s.groups, s.base, r, p.target)

@@ -3,15 +3,18 @@
 1. Ablating a feature node (site, layer, group, feature) sets that feature to its baseline a′ at
    the tokens of its group (splice.Ablating); error nodes are always kept (each site's error is
    recomputed in the ablated pass itself).
-2. m(C): the metric when every feature node outside C is ablated; m(M) = nothing ablated (the
-   unmodified model), m(∅) = every feature node ablated.
+2. m(C): the metric when every node of the ranking outside C is ablated (nodes outside the
+   ranking, e.g. features a stored graph lacks, are never ablated); m(M) = nothing ablated (the
+   unmodified model), m(∅) = every node of the ranking ablated.
    F(C) = (m(C) − m(∅)) / (m(M) − m(∅)), so F(M) = 1 and F(∅) = 0 by construction.
-3. Ranking: feature nodes sorted by |IE| (largest first); C_n = the top n, threshold = |IE| of
-   the n-th node.
+3. Ranking: feature nodes sorted by |IE| (largest first; node selection) or by signed IE
+   (positive first; the paper's faithfulness curves); C_n = the top n, threshold = |IE| of the
+   n-th node.
 4. Selection: F(C_n) on a log-spaced grid of n (the |IE| threshold sweep), then a bisection on n
    between the last grid point below the target and the first one at or above it; the circuit is
    the smallest C_n seen with F ≥ target (paper: 0.95). Every evaluated point is kept (the sweep).
-5. Curves: F(C_n) ("keep the top n") and F(M \\ C_n) ("ablate the top n") for n on a grid.
+5. Curves: F(C_n) ("keep the top n") and F(M \\ C_n) ("ablate the top n") for n on a grid
+   (evaluate.py measures them for stored circuits, on held-out prompts).
 """
 
 from __future__ import annotations
@@ -30,9 +33,21 @@ from icl_cli.core.sites import HookedModel
 from icl_cli.core.errors import IclError
 
 
+RANKS = ("abs", "signed")
+"""Orders of a Ranking: by |IE| (largest first), or by IE (most positive first)."""
+
+
+def _order(v: Tensor, order: str) -> Tensor:
+    """Indices sorting ``v`` [N] by ``order`` (stable: ties keep their original order)."""
+    if order not in RANKS:
+        raise IclError(f"unknown ranking {order!r}; use signed (IE, positive first) or abs (|IE|)")
+    return torch.argsort(v.abs() if order == "abs" else v, descending=True, stable=True)
+
+
 @dataclass
 class Ranking:
-    """Feature nodes sorted by |IE|, largest first: parallel [N] tensors."""
+    """Feature nodes in rank order (by |IE| or by signed IE): parallel [N] tensors. The ranking's
+    nodes are all a mask can ablate."""
 
     keys: list[Key]
     shapes: dict[Key, tuple[int, int]]  # key -> (G, F)
@@ -42,7 +57,8 @@ class Ranking:
     ie: Tensor
 
     @classmethod
-    def of(cls, ie: Mapping[Key, Tensor]) -> "Ranking":
+    def of(cls, ie: Mapping[Key, Tensor], order: str = "abs") -> "Ranking":
+        """Every (group, feature) cell of ``ie`` [G,F] per key, ranked by ``order``."""
         keys = ordered(ie)
         k_idx, grp, feat, vals = [], [], [], []
         for i, k in enumerate(keys):
@@ -53,7 +69,7 @@ class Ranking:
             feat.append(torch.arange(F).repeat(G))
             vals.append(t.reshape(-1))
         v = torch.cat(vals)
-        order = torch.argsort(v.abs(), descending=True, stable=True)
+        order = _order(v, order)
         return cls(keys, {k: tuple(ie[k].shape) for k in keys}, torch.cat(k_idx)[order], torch.cat(grp)[order],
                    torch.cat(feat)[order], v[order])
 
@@ -69,11 +85,13 @@ class Ranking:
         return float("inf") if n <= 0 else float(self.ie[min(n, len(self)) - 1].abs())
 
     def mask(self, n: int, keep: bool, device=None) -> dict[Key, Tensor]:
-        """Ablation masks [G,F] per key: keep=True ablates all but the top n, else only the top n."""
-        out = {k: torch.full(self.shapes[k], keep, dtype=torch.bool) for k in self.keys}
+        """Ablation masks [G,F] per key: keep=True ablates the ranking's nodes after the top n,
+        keep=False its top n; cells that are not nodes of the ranking are never ablated."""
+        lo, hi = (n, len(self)) if keep else (0, n)
+        out = {k: torch.zeros(self.shapes[k], dtype=torch.bool) for k in self.keys}
         for i, k in enumerate(self.keys):
-            top = self.key_idx[:n] == i
-            out[k][self.group[:n][top], self.feature[:n][top]] = not keep
+            part = self.key_idx[lo:hi] == i
+            out[k][self.group[lo:hi][part], self.feature[lo:hi][part]] = True
         return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
@@ -98,8 +116,9 @@ class Faith:
 
 
 def reference(hm: HookedModel, batch: PromptBatch, dicts, groups: Groups, base: Baseline, r: Ranking) -> Faith:
+    """m(M) (the unablated model) and m(∅) (every node of ``r`` ablated) on ``batch``."""
     dev = groups.index.device
-    m_full = ablated_metric(hm, batch, dicts, groups, base, r.mask(len(r), keep=True, device=dev))
+    m_full = ablated_metric(hm, batch, dicts, groups, base, {})
     m_empty = ablated_metric(hm, batch, dicts, groups, base, r.mask(0, keep=True, device=dev))
     if not abs(m_full - m_empty) > 1e-6:
         raise IclError(f"ablating every feature leaves the metric at {m_full:.4f}: faithfulness is undefined; "
@@ -189,9 +208,10 @@ def site_acts(hm: HookedModel, batch: PromptBatch, dicts) -> dict[Key, tuple[Ten
     return acts
 
 
-def ranking_from_graph(graph, dicts, groups: Groups, only_selected: bool = False) -> Ranking:
-    """The feature nodes of a stored CircuitGraph as a Ranking over ``dicts`` and ``groups``
-    (nodes whose role ``groups`` lacks are an error)."""
+def ranking_from_graph(graph, dicts, groups: Groups, only_selected: bool = False, order: str = "signed") -> Ranking:
+    """The feature nodes of a stored CircuitGraph (only its selected ones with ``only_selected``)
+    as a Ranking over ``dicts`` and ``groups``, by ``order`` (nodes whose role ``groups`` lacks are
+    an error)."""
     keys = ordered(dicts)
     index = {k: i for i, k in enumerate(keys)}
     gi = {name: i for i, name in enumerate(groups.names)}
@@ -203,7 +223,8 @@ def ranking_from_graph(graph, dicts, groups: Groups, only_selected: bool = False
     absent = sorted({f"{graph.site[i]}.{graph.layer[i]}" for i in rows} - {f"{k}.{l}" for k, l in keys})
     if absent:
         raise IclError(f"the circuit has nodes at {', '.join(absent[:3])} but no dictionary there")
-    order = sorted(rows, key=lambda i: -abs(float(graph.ie[i])))
+    ie = torch.tensor([float(graph.ie[i]) for i in rows], dtype=torch.float64)
+    order = [rows[j] for j in _order(ie, order).tolist()]
     t = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Ranking(keys, {k: (groups.n, dicts[k].cfg.d_sae) for k in keys},
                    t([index[(str(graph.site[i]), int(graph.layer[i]))] for i in order]),

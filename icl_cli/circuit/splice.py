@@ -15,9 +15,10 @@ reach every feature activation and every error.
 4. ``Ablating``: features marked in a per-group table are set to their baseline at the tokens
    of that group; the error is the current one (e = x_out − decode(encode(x_in)) of this very
    pass), so error nodes are kept (Marks et al.'s faithfulness).
-5. Token groups: a node's role (SPEC §2) or, per-position, its position; tokens without a role
-   (BOS, inner tokens of multi-token words) and padding belong to no group: they are never
-   ablated and never scored.
+5. Token groups: a node's role (SPEC §2), per-position its position, or with prompt positions
+   its role with the instruction split into one group per token (the authors' ``prompt_i``
+   masks); tokens without a role (BOS, inner tokens of multi-token words) and padding belong to
+   no group: they are never ablated and never scored.
 """
 
 from __future__ import annotations
@@ -74,13 +75,22 @@ class Groups:
     index: Tensor
 
     @classmethod
-    def of(cls, batch: PromptBatch, per_position: bool = False) -> "Groups":
+    def of(cls, batch: PromptBatch, per_position: bool = False, prompt_positions: bool = False) -> "Groups":
+        """Groups by role (``ROLES``), by position (``pos:<i>``), or by role with the instruction
+        split into one group per token (``prompt:<k>``: the k-th instruction token of each prompt)."""
         has_role = (batch.roles > 0) & (batch.attention_mask > 0)
         if per_position:
             P = batch.input_ids.shape[1]
             idx = torch.arange(P, device=batch.roles.device).expand_as(batch.roles)
             return cls([f"pos:{i}" for i in range(P)], torch.where(has_role, idx, -1))
-        return cls(list(ROLES), torch.where(has_role, batch.roles.long() - 1, -1))
+        role = torch.where(has_role, batch.roles.long() - 1, -1)  # ROLES[0] is "prompt"
+        if not prompt_positions:
+            return cls(list(ROLES), role)
+        in_prompt = role == 0
+        K = int(in_prompt.sum(1).max()) if in_prompt.numel() else 0
+        k = in_prompt.long().cumsum(1) - 1  # rank of each instruction token within its prompt
+        idx = torch.where(in_prompt, k, torch.where(role > 0, role - 1 + K, -1))
+        return cls([f"prompt:{i}" for i in range(K)] + list(ROLES[1:]), idx)
 
     @property
     def n(self) -> int:

@@ -50,6 +50,8 @@ def ablate_cmd(
     model: Optional[str] = _MODEL,
     circuit: Optional[str] = typer.Option(None, "--circuit", help="A circuit artifact: measure its faithfulness instead."),
     max_nodes: int = typer.Option(1000, "--max-nodes", help="With --circuit: the largest node set on the faithfulness curves."),
+    in_sample: bool = typer.Option(False, "--in-sample", help="With --circuit: measure on the circuit's own prompts (labelled in-sample), not held-out ones (seed + 101)."),
+    rank: str = typer.Option("signed", "--rank", help="With --circuit: top n nodes by signed IE (positive first; the paper's) or abs (|IE|)."),
     name: Optional[str] = _NAME,
     force: bool = _FORCE,
 ) -> None:
@@ -63,7 +65,8 @@ def ablate_cmd(
             if exc.name and exc.name.startswith("icl_cli"):
                 raise IclError("circuit faithfulness is not installed in this version (icl_cli/cli/faithfulness_cmd.py is missing)") from None
             raise
-        return faithfulness_cmd(ctx, circuit, tasks, cross_task, max_nodes, name, force)
+        return faithfulness_cmd(ctx, circuit, tasks, cross_task, max_nodes, name, force, in_sample=in_sample, rank=rank,
+                                model=model, n_shot=n_shot, n_prompts=n_prompts)
     if features is None:
         raise IclError("pass --features REF|LAYER:ID,... (or --circuit REF); see `icl ablate --help`")
     from icl_cli.ablate.step import AblateRequest, run_ablate

@@ -86,3 +86,46 @@ def run_with_site_edit(hm, batch, key, fn):
         edit = {Site("mlp_in", l): lambda x: box.setdefault("x", x),
                 Site("mlp_out", l): lambda y: fn(box["x"], y)}
     return hm.run(batch.input_ids, batch.attention_mask, edit=edit).logits
+
+
+def run_ablating_by_hand(hm, batch, dicts: dict, ablate: dict, index: torch.Tensor):
+    """Logits of one pass where, at every dictionary site, the features marked in ``ablate[key]``
+    [G,F] bool are set to 0 at the tokens whose group (``index`` [B,P], -1 = none) is marked, the
+    error term kept (written here, independent of splice.py)."""
+    from icl_cli.core.sites import Site
+
+    box: dict = {}
+
+    def write(key, x_in, x_out):
+        d = dicts[key]
+        a = d.encode(x_in)
+        e = x_out - d.decode(a)
+        mask = ablate.get(key)
+        if mask is None:
+            return x_out
+        off = torch.zeros_like(a, dtype=torch.bool)
+        for g in range(mask.shape[0]):
+            off |= (index == g)[..., None] & mask[g]
+        return d.decode(torch.where(off, torch.zeros_like(a), a)) + e
+
+    edit = {}
+    for key in dicts:
+        kind, l = key
+        if kind == "resid":
+            edit[Site("resid_pre", l)] = lambda x, key=key: write(key, x, x)
+        elif kind == "attn":
+            edit[Site("attn_out", l)] = lambda x, key=key: write(key, x, x)
+        else:
+            edit[Site("mlp_in", l)] = lambda x, l=l: box.__setitem__(l, x) or x
+            edit[Site("mlp_out", l)] = lambda y, key=key, l=l: write(key, box[l], y)
+    return hm.run(batch.input_ids, batch.attention_mask, edit=edit).logits
+
+
+def graph_masks(graph, rows, names: list[str], d_sae: int) -> dict:
+    """{(kind, layer): [G,F] bool} marking the graph's feature nodes ``rows`` (G = len(names))."""
+    out: dict = {}
+    for i in rows:
+        key = (str(graph.site[i]), int(graph.layer[i]))
+        out.setdefault(key, torch.zeros(len(names), d_sae, dtype=torch.bool))
+        out[key][names.index(str(graph.role[i])), int(graph.feature[i])] = True
+    return out

@@ -55,17 +55,48 @@ def test_json_artifact_and_exports(circuit, tiny_toy_dir, suite_dir):
     assert r.exit_code == 0 and "strongest edges" in r.stdout and "arrow" in r.stdout
 
 
-def test_faithfulness_curves_and_cross_task(circuit):
+@pytest.fixture(scope="module")
+def second(circuit, tiny_toy_dir, suite_dir):
+    store, _ = circuit
+    r = icl(store, "--json", "circuit", "--model", str(tiny_toy_dir), "--saes", str(suite_dir), *FAST[2:], "--task", "en_es")
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)["key"]
+
+
+def test_faithfulness_curves_and_cross_task(circuit, second):
     store, out = circuit
-    r = icl(store, "--json", "ablate", "--circuit", out["key"], "--max-nodes", "30", "--cross-task",
-            "--tasks", "antonyms,en_es")
+    r = icl(store, "--json", "ablate", "--circuit", f"{out['key']},{second}", "--max-nodes", "30", "--cross-task")
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
     c = data["curves"][out["key"]]
     assert c["n"][0] == 0 and c["keep"][0] == pytest.approx(0.0, abs=1e-9) and c["ablate"][0] == pytest.approx(1.0, abs=1e-9)
-    assert max(c["n"]) == 30
+    assert max(c["n"]) == 30 and c["cut_off"] and c["n_graph"] > 30
+    assert c["prompts"] == "held-out" and c["rank"] == "signed" and c["seed"] == 101
     x = data["cross_task"]
-    assert x["cols"] == ["antonyms", "en_es"] and len(x["matrix"]) == 1 and len(x["matrix"][0]) == 2
+    assert x["cols"] == ["antonyms", "en_es"] and x["rows"] == ["antonyms", "en_es"] and len(x["matrix"]) == 2
+    cells = {(cell["circuit"], cell["task"]): cell for cell in x["cells"]}
+    for t in ("antonyms", "en_es"):  # m(M) of (A, B) = m(M) of (B, B): the unablated model on B
+        assert cells[(out["key"], t)]["m_full"] == pytest.approx(cells[(second, t)]["m_full"], abs=1e-6)
+    assert cells[(out["key"], "antonyms")]["m_full"] == pytest.approx(c["m_full"], abs=1e-6)
+    for cell in cells.values():
+        m = (cell["m_circuit"] - cell["m_empty"]) / (cell["m_full"] - cell["m_empty"])
+        assert cell["F"] == pytest.approx(m)
+    # in-sample on request, labelled so; the same prompts as the circuit's selection
+    r = icl(store, "--json", "ablate", "--circuit", out["key"], "--max-nodes", "5", "--in-sample", "--rank", "abs")
+    assert r.exit_code == 0, r.stderr
+    c = json.loads(r.stdout)["curves"][out["key"]]
+    assert c["prompts"] == "in-sample" and c["rank"] == "abs" and c["seed"] == 0
+    r = icl(store, "ablate", "--circuit", out["key"], "--max-nodes", "5", "--in-sample")
+    assert r.exit_code == 0 and "in-sample" in r.stdout and "not reached within 5" in r.stdout
+
+
+def test_faithfulness_bad_input_is_one_line(circuit, second, tiny_toy_dir):
+    store, out = circuit
+    _one_line_error(icl(store, "ablate", "--circuit", out["key"], "--cross-task"), "--cross-task", "two tasks")
+    _one_line_error(icl(store, "ablate", "--circuit", out["key"], "--cross-task", "--tasks", "en_es"), "two tasks")
+    _one_line_error(icl(store, "ablate", "--circuit", out["key"], "--max-nodes", "0"), "--max-nodes")
+    _one_line_error(icl(store, "ablate", "--circuit", out["key"], "--model", "toy-icl"), "toy-icl", str(tiny_toy_dir.name))
+    _one_line_error(icl(store, "ablate", "--circuit", out["key"], "--rank", "up"), "--rank")
 
 
 def test_estimate_prints_without_running(tiny_toy_dir, suite_dir, tmp_path):

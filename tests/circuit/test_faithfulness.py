@@ -112,7 +112,7 @@ def test_select_finds_the_smallest_set_on_a_known_curve(monkeypatch):
         return -3.0 + 2.0 * (1 - math.exp(-n / 6.0)) + 0.01 * n
 
     def fake_ablated(hm, batch, dicts, groups, base, ablate):
-        kept = sum(int((~m).sum()) for m in ablate.values())  # keep=True masks ablate all but the top n
+        kept = N - sum(int(m.sum()) for m in ablate.values())  # keep=True masks ablate all but the top n
         return metric(kept)
 
     monkeypatch.setattr(fm, "ablated_metric", fake_ablated)

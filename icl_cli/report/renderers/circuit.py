@@ -1,7 +1,8 @@
 """circuit: a sparse feature circuit (SPEC §7): its faithfulness sweep and its graph.
 
 Figures: faithfulness against the number of feature nodes kept (the threshold sweep of node
-selection, with 0.8 and the chosen set marked), and the graph of the strongest selected nodes:
+selection, with 0.8 and the chosen set marked; in-sample: measured on the prompts the effects
+were computed on; held-out curves are the faithfulness step's), and the graph of the strongest selected nodes:
 drawn by Graphviz when the ``dot`` program is installed, else laid out here (columns: layer and
 site in the order they act; rows: token role; size: |IE|; colour: sign).
 """
@@ -48,10 +49,17 @@ class CircuitRenderer(Renderer):
                    "n_edges": g.n_edges, "faithfulness": a.get("faithfulness"), "threshold": a.get("threshold"),
                    "nodes_at_0.8": at08, "sweep": {"n_nodes": g.sweep_n_nodes.tolist(), "faithfulness": g.sweep_faithfulness.tolist()}}
         sec = Section(art.key, art.step, f"Circuit of {tasks} ({a.get('model')})", summary)
-        sec.notes.append(f"{int(sel.sum())} of {n_feat} feature nodes selected (faithfulness {fmt(a.get('faithfulness'), 2)} at "
-                         f"|IE| ≥ {fmt(a.get('threshold'), 4)}); {g.n_edges} edges; 0.8 faithfulness is reached with "
-                         f"{at08 if at08 is not None else '–'} nodes. Metric {a.get('metric')}: m(full) {fmt(a.get('m_full'), 3)}, "
-                         f"m(all ablated) {fmt(a.get('m_empty'), 3)}.")
+        if at08 is not None:
+            size = f"with {at08} nodes"
+        else:
+            swept = int(np.max(g.sweep_n_nodes)) if len(g.sweep_n_nodes) else 0
+            best = float(np.max(g.sweep_faithfulness)) if len(g.sweep_faithfulness) else float("nan")
+            size = f"not reached within {swept} (F reached {best:.2f})"
+        sec.notes.append(f"{int(sel.sum())} of {n_feat} feature nodes selected (in-sample faithfulness "
+                         f"{fmt(a.get('faithfulness'), 2)} at |IE| ≥ {fmt(a.get('threshold'), 4)}); {g.n_edges} edges; "
+                         f"in-sample, 0.8 faithfulness is reached {size}. Metric {a.get('metric')}: m(full) "
+                         f"{fmt(a.get('m_full'), 3)}, m(all ablated) {fmt(a.get('m_empty'), 3)}. Circuit sizes on "
+                         "held-out prompts: the faithfulness section (icl ablate --circuit).")
         order = np.argsort(-np.abs(g.ie))
         rows = [[g.site[i], str(int(g.layer[i])), g.role[i], "error" if g.feature[i] < 0 else str(int(g.feature[i])),
                  f"{float(g.ie[i]):+.4f}", f"{float(g.act[i]):.3f}", "yes" if g.selected[i] else ""] for i in order[:15]]
@@ -81,11 +89,12 @@ class CircuitRenderer(Renderer):
         plain_log_axis(ax, "x")
         ax.set_xlabel("feature nodes kept (others ablated)")
         ax.set_ylabel("faithfulness F = (m(C) − m(∅)) / (m(M) − m(∅))")
-        ax.set_title(f"Faithfulness of the circuit of {', '.join(g.attrs.get('tasks') or [])}")
+        ax.set_title(f"Faithfulness of the circuit of {', '.join(g.attrs.get('tasks') or [])} (in-sample)")
         ax.legend(loc="lower right", fontsize=8)
         files = save(fig, out, f"circuit-{art.key[:8]}-faithfulness")
-        return Figure("Faithfulness sweep", "Faithfulness of the top-n feature nodes (the rest ablated to the baseline) "
-                      "for the node counts tried while selecting the circuit (SPEC §7).", files)
+        return Figure("Faithfulness sweep (in-sample)", "Faithfulness of the top-n feature nodes (the rest ablated to the "
+                      "baseline) for the node counts tried while selecting the circuit, on the prompts its effects were "
+                      "computed on (SPEC §7).", files)
 
     def _graph(self, art, g, out: Path) -> Figure:
         idx = self._drawn(g)

@@ -1,8 +1,11 @@
 """faithfulness: the faithfulness curves of circuits and their cross-task matrix (SPEC §7).
 
-F(C) = (m(C) − m(∅)) / (m(M) − m(∅)). Curves: F when only the top-n feature nodes (by |IE|) are
-kept, and when the top-n are ablated, against n. The headline sizes are read off the curves by
-interpolating in log n between the measured points.
+F(C) = (m(C) − m(∅)) / (m(M) − m(∅)). Curves: F when only the top-n feature nodes (by signed IE,
+or |IE| when the artifact says so) are kept, and when the top-n are ablated, against n, on
+held-out prompts (artifacts made with --in-sample, and those of format 1, are labelled
+in-sample). The headline sizes are read off the curves by interpolating in log n between the
+measured points; a curve that stops before reaching the level says how far it got ("not reached
+within N (F reached x)").
 """
 
 from __future__ import annotations
@@ -29,8 +32,20 @@ def crossing(n: list[int], f: list[float], level: float, rising: bool = True) ->
     return None
 
 
-def _n(x: float | None) -> str:
-    return "not reached" if x is None else f"≈ {x:.0f}"
+def size_text(x: float | None, c: dict, rising: bool) -> str:
+    """``≈ n`` nodes, or how far a curve that never reached the level got (never a bare "not reached")."""
+    if x is not None:
+        return f"≈ {x:.0f}"
+    f = c["keep"] if rising else c["ablate"]
+    best = max(f) if rising else min(f)
+    cut = c.get("cut_off", c.get("n_graph") is None or c["n"][-1] < c["n_graph"])
+    within = f"within {c['n'][-1]}" if cut else f"by all {c['n'][-1]} graph nodes"
+    return f"not reached {within} (F reached {best:.2f})"
+
+
+def prompts_of(data: dict) -> str:
+    """held-out | in-sample (format-1 artifacts measured on the circuit's own prompts)."""
+    return data.get("prompts", "in-sample")
 
 
 @register("faithfulness")
@@ -38,38 +53,46 @@ class FaithfulnessRenderer(Renderer):
     def build(self, art, out: Path | None) -> Section:
         data = json.loads(art.file("faithfulness.json").read_text(encoding="utf-8"))
         curves = data.get("curves", {})
+        where = prompts_of(data)
         rows, keep08, half = [], {}, {}
+        text08, text_half = {}, {}
         for key, c in curves.items():
-            keep08[c["task"]] = crossing(c["n"], c["keep"], 0.8)
-            half[c["task"]] = crossing(c["n"], c["ablate"], 0.5, rising=False)
-            rows.append([c["task"], str(c["n_selected"]), _n(keep08[c["task"]]), _n(half[c["task"]]), key[:12]])
+            t = c["task"]
+            keep08[t] = crossing(c["n"], c["keep"], 0.8)
+            half[t] = crossing(c["n"], c["ablate"], 0.5, rising=False)
+            text08[t], text_half[t] = size_text(keep08[t], c, True), size_text(half[t], c, False)
+            rows.append([t, str(c["n_selected"]), str(c.get("n_graph", "–")), text08[t], text_half[t], key[:12]])
         tasks = [c["task"] for c in curves.values()]
-        summary = {"tasks": tasks, "nodes_keep_0.8": keep08, "nodes_ablate_half": half, "curves": curves}
+        rank = "|IE|" if data.get("rank", "abs") == "abs" else "IE"
+        summary = {"tasks": tasks, "prompts": where, "nodes_keep_0.8": keep08, "nodes_ablate_half": half, "curves": curves}
         sec = Section(art.key, art.step, f"Faithfulness of the circuits of {', '.join(tasks)}", summary)
-        sec.tables.append(Table("faithfulness read off the curves", ["task", "selected nodes", "top nodes for F = 0.8",
-                                                                     "top nodes whose ablation halves F", "circuit"], rows,
-                                align="lrrrl", caption="node counts interpolated in log n between measured points"))
+        sec.tables.append(Table(f"faithfulness read off the curves ({where} prompts; top nodes by {rank})",
+                                ["task", "selected nodes", "graph nodes", "top nodes for F = 0.8",
+                                 "top nodes whose ablation halves F", "circuit"], rows,
+                                align="lrrrrl", caption="node counts interpolated in log n between measured points"))
         if curves:
             sec.summary["headline"] = [
-                {"finding": "Circuit size at 0.8 faithfulness (top nodes kept)",
-                 "ours": "; ".join(f"{t} {_n(v)}" for t, v in keep08.items()) + " nodes",
-                 "paper": "about 1000 nodes keep about 0.8 (Gemma-1 2B)"},
-                {"finding": "Top nodes whose ablation halves faithfulness",
-                 "ours": "; ".join(f"{t} {_n(v)}" for t, v in half.items()) + " nodes",
+                {"finding": f"Circuit size at 0.8 faithfulness (top nodes kept; {where} prompts)",
+                 "ours": "; ".join(f"{t} {v}" for t, v in text08.items()) + " nodes",
+                 "paper": "about 1000 nodes keep about 0.8 (Gemma-1 2B, held-out prompts)"},
+                {"finding": f"Top nodes whose ablation halves faithfulness ({where} prompts)",
+                 "ours": "; ".join(f"{t} {v}" for t, v in text_half.items()) + " nodes",
                  "paper": "a few hundred"}]
         cross = data.get("cross_task")
         if cross:
-            m = np.array(cross["matrix"], dtype=float)
-            sec.tables.append(Table("cross-task: F of the column's task with the row's circuit ablated",
-                                    ["circuit of", *cross["cols"]], [[r, *(fmt(v, 2) for v in row)] for r, row in zip(cross["rows"], m)]))
+            m = [[fmt(v, 2) if v is not None else "undefined" for v in row] for row in cross["matrix"]]
+            sec.tables.append(Table(f"cross-task: F of the column's task ({where} prompts) with the row's circuit ablated",
+                                    ["circuit of", *cross["cols"]], [[r, *row] for r, row in zip(cross["rows"], m)],
+                                    caption="m(M): the unablated model on the column's task; m(∅): the row's whole "
+                                            "graph ablated; undefined: that graph does not move the column's metric"))
         if out is not None and curves:
-            sec.figures.append(self._curves(art, curves, out))
+            sec.figures.append(self._curves(art, curves, out, where, rank))
             if cross and len(cross["rows"]) > 1:
-                sec.figures.append(self._cross(art, cross, out))
+                sec.figures.append(self._cross(art, cross, out, where))
         return sec
 
     @staticmethod
-    def _curves(art, curves: dict, out: Path) -> Figure:
+    def _curves(art, curves: dict, out: Path, where: str, rank: str) -> Figure:
         from icl_cli.report.figures import plain_log_axis, plt, save, task_label
 
         p = plt()
@@ -85,26 +108,27 @@ class FaithfulnessRenderer(Renderer):
         ax.text(0.72, 0.81, "0.8", color="tab:gray", fontsize=8, va="bottom")
         ax.text(0.72, 0.51, "0.5", color="tab:gray", fontsize=8, va="bottom")
         plain_log_axis(ax, "x")
-        ax.set_xlabel("top feature nodes n (by |IE|; 0 drawn at the left edge)")
+        ax.set_xlabel(f"top feature nodes n (by {rank}; 0 drawn at the left edge)")
         ax.set_ylabel("faithfulness F")
-        ax.set_title("Faithfulness curves")
+        ax.set_title(f"Faithfulness curves ({where} prompts)")
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
         files = save(fig, out, f"faithfulness-{art.key[:8]}-curves")
         return Figure("Faithfulness curves", "F = (m(C) − m(∅)) / (m(M) − m(∅)) when only the top-n feature nodes are kept "
-                      "(solid) or when they are ablated (dashed), for each circuit (SPEC §7).", files)
+                      f"(solid) or when they are ablated (dashed), for each circuit, on {where} prompts (SPEC §7).", files)
 
     @staticmethod
-    def _cross(art, cross: dict, out: Path) -> Figure:
+    def _cross(art, cross: dict, out: Path, where: str) -> Figure:
         from icl_cli.report.figures import heatmap, heatmap_size, plt, save, task_label
 
         p = plt()
         rows, cols = [task_label(t) for t in cross["rows"]], [task_label(t) for t in cross["cols"]]
         fig, ax = p.subplots(figsize=heatmap_size(len(rows), len(cols), max(map(len, rows)), max(map(len, cols))))
-        heatmap(ax, np.array(cross["matrix"], dtype=float), rows, cols, cmap="viridis", vmin=0, vmax=1,
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in cross["matrix"]], dtype=float)
+        heatmap(ax, matrix, rows, cols, cmap="viridis", vmin=0, vmax=1,
                 cbar="faithfulness F of the measured task")
         ax.set_xlabel("task measured")
         ax.set_ylabel("circuit ablated")
-        ax.set_title("Cross-task circuit ablation")
+        ax.set_title(f"Cross-task circuit ablation ({where} prompts)")
         files = save(fig, out, f"faithfulness-{art.key[:8]}-cross-task")
         return Figure("Cross-task circuit ablation", "Faithfulness on the column's task when the row's circuit (its selected "
                       "feature nodes) is ablated: low values mean that circuit matters for that task.", files)
