@@ -113,9 +113,11 @@ def _globals(
         help="CPU threads for torch (default: the CPUs available to this process: affinity and cgroup quota)."),
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Show the version."),
 ) -> None:
+    from icl_cli.core.gguf import use_store
     from icl_cli.core.threads import configure_threads
 
     configure_threads(threads)  # before any command imports torch
+    use_store(store)  # GGUF checkpoints are converted into this store
     ctx.obj = Globals(store_path=store, device=device, dtype=dtype, seed=seed, json=json_out, quiet=quiet, verbose=verbose,
                       device_map=device_map, trust_remote_code=trust_remote_code)
 

@@ -56,11 +56,14 @@ def token_roles(offsets: Sequence[tuple[int, int]], segments, n_pairs: int):
     """Per-token role names and, per pair, the token indices of its output.
 
     A token "holds" a character when start <= char < end. Special tokens have (0, 0) offsets.
+    A byte-level BPE may split one character's bytes over two tokens, both holding it: a word's
+    role goes to the last of them (the token that completes the word).
     """
-    holder = {}
+    holder, last = {}, {}  # char -> first / last token holding it
     for t, (start, end) in enumerate(offsets):
         for c in range(start, end):
             holder.setdefault(c, t)
+            last[c] = t
     roles: list[str | None] = [None] * len(offsets)
     rank = [-1] * len(offsets)
 
@@ -78,17 +81,17 @@ def token_roles(offsets: Sequence[tuple[int, int]], segments, n_pairs: int):
             for c in range(start, end):
                 assign(holder.get(c), "newline")
         elif kind in ("input", "arrow", "output"):
-            t = holder.get(end - 1)
+            t = last.get(end - 1)
             # a tokenizer may drop trailing whitespace of a segment: fall back to the last held char
             c = end - 1
             while t is None and c > start:
                 c -= 1
-                t = holder.get(c)
+                t = last.get(c)
             assign(t, kind)
             if kind == "arrow":
                 arrows[pair] = t
             if kind == "output":
-                out_tokens[pair] = sorted({holder[c] for c in range(start, end) if c in holder})
+                out_tokens[pair] = [u for u, (a, b) in enumerate(offsets) if a < end and b > start]
     return roles, out_tokens, arrows
 
 

