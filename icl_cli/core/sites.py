@@ -18,7 +18,9 @@ How each site is reached (module names come from ``arch.py``):
 6. ``resid_post[l]`` forward hook on block l (its output). It is the same tensor as
    ``resid_pre[l+1]``: an edit at ``resid_pre[l+1]`` is seen by a read of ``resid_post[l]``.
 
-Early exit raises a private exception from block ``stop_after``'s hook; ``start_at`` turns the
+Early exit raises a private exception from block ``stop_after``'s hook: its forward hook, or its
+pre-hook when only ``resid_pre`` is read or edited at that layer (nothing of the block itself is
+needed, so it does not run); ``start_at`` turns the
 earlier blocks into pass-throughs for one call and swaps the given residual in at block
 ``start_at``. Hooks and patches are removed in ``finally`` blocks, whatever happens.
 """
@@ -171,7 +173,8 @@ class HookedModel:
         """One forward pass with reads and edits.
 
         input_ids, attention_mask: [B,P]. read: sites to return. edit: site -> fn(x)->x'.
-        stop_after: last block to run (logits None). start_at + start_resid [B,P,D]: run only
+        stop_after: last block whose sites are needed; the pass ends there (logits None), before
+        the block runs when only its resid_pre is involved. start_at + start_resid [B,P,D]: run only
         blocks >= start_at from the given resid_pre[start_at] (earlier blocks are skipped).
         grad: build the autograd graph (reads keep it); otherwise run under no_grad.
         """
@@ -252,21 +255,22 @@ class HookedModel:
             if l > last:
                 break
             kinds = kinds_at.get(l, set())
-            if l == st.start_at or kinds & {"resid_pre", "resid_mid"}:
-                handles.append(parts.block.register_forward_pre_hook(_block_pre(st, l), with_kwargs=True))
+            stop_before = l == st.stop_after and kinds <= {"resid_pre"}  # block l itself is not needed
+            if l == st.start_at or kinds & {"resid_pre", "resid_mid"} or stop_before:
+                handles.append(parts.block.register_forward_pre_hook(_block_pre(st, l, stop_before), with_kwargs=True))
             if kinds & {"attn_out", "resid_mid"}:
                 handles.append(parts.attn_out.register_forward_hook(_attn_out(st, l)))
             if "mlp_in" in kinds:
                 handles.append(parts.mlp.register_forward_pre_hook(_mlp_in(st, l), with_kwargs=True))
             if "mlp_out" in kinds:
                 handles.append(parts.mlp_out.register_forward_hook(_mlp_out(st, l)))
-            if "resid_post" in kinds or l == st.stop_after:
+            if "resid_post" in kinds or (l == st.stop_after and not stop_before):
                 handles.append(parts.block.register_forward_hook(_block_post(st, l)))
 
 
 # Hook factories: each closes over the pass state and its layer.
 
-def _block_pre(st: _Pass, l: int):
+def _block_pre(st: _Pass, l: int, stop: bool = False):
     site, prev = Site("resid_pre", l), Site("resid_post", l - 1) if l > 0 else None
 
     def hook(module, args, kwargs):
@@ -277,6 +281,8 @@ def _block_pre(st: _Pass, l: int):
         if prev is not None and prev in st.acts:
             st.acts[prev] = x  # resid_post[l-1] is resid_pre[l]: show it after this edit too
         st.resid_pre[l] = x
+        if stop:
+            raise _Stop
         return _with_hidden(args, kwargs, x)
 
     return hook

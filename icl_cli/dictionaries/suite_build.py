@@ -57,7 +57,7 @@ def check_fvu(lm, dicts: dict[tuple[str, int], Dictionary], check: dict = CHECK)
 
     ids, mask, keep = check_batch(lm, check)
     reads = {s for kind, layer in dicts for s in sites_of(kind, layer)}
-    acts = HookedModel(lm.model).run(ids, mask, read=reads).acts
+    acts = HookedModel(lm.model).run(ids, mask, read=reads, stop_after=max(s.layer for s in reads)).acts
     out = {}
     for (kind, layer), d in dicts.items():
         s_in, s_out = sites_of(kind, layer)

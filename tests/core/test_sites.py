@@ -76,6 +76,27 @@ def test_early_exit_gives_the_same_sites_and_skips_later_blocks(hm, ids):
             assert torch.equal(v, full.acts[s]), s
 
 
+def test_early_exit_at_a_resid_pre_read_does_not_run_that_block(hm, ids):
+    # a harvest of resid_pre[l] needs blocks 0..l-1 only; a read inside block l still runs it
+    full = _all_reads(hm, ids)
+    loc = locate(hm.model)
+    for l in range(hm.n_layers):
+        for reads, runs_block in (([Site("resid_pre", l)], False), ([Site("resid_pre", l), Site("mlp_in", l)], True)):
+            ran = []
+            h = loc.blocks[l].attn_out.register_forward_hook(lambda *a: ran.append(1))
+            try:
+                out = hm.run(ids, read=reads + ([Site("resid_post", l - 1)] if l else []), stop_after=l)
+            finally:
+                h.remove()
+            assert bool(ran) == runs_block, (l, reads)
+            for s, v in out.acts.items():
+                assert torch.equal(v, full.acts[s]), s
+    # an edit at resid_pre[l] is applied before the exit and seen by the read of resid_post[l-1]
+    v = torch.randn(hm.d_model, generator=torch.Generator().manual_seed(3))
+    l = hm.n_layers - 1
+    out = hm.run(ids, read=[Site("resid_post", l - 1)], edit={Site("resid_pre", l): add_at(v)}, stop_after=l)
+    torch.testing.assert_close(out.acts[Site("resid_post", l - 1)], full.acts[Site("resid_pre", l)] + v)
+
 def test_start_at_reuses_the_residual_below(hm, ids):
     full = _all_reads(hm, ids)
     loc = locate(hm.model)
