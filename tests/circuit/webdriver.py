@@ -113,20 +113,31 @@ class Browser:
         """Run ``script`` (a function body; ``arguments`` holds args) in the page; its return value."""
         return self._call("POST", self._s("/execute/sync"), {"script": script, "args": list(args)})
 
-    def wait_for(self, script: str, timeout: float = 20.0):
-        """Poll ``script`` until it returns something truthy; that value."""
+    def wait_for(self, script: str, timeout: float = 20.0, abort_if: str | None = None):
+        """Poll ``script`` until it returns something truthy; that value. When ``abort_if`` (a
+        script) returns something truthy first, fail at once with it (say, the page's errors)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.run(script)
             if value:
                 return value
+            problem = self.run(abort_if) if abort_if else None
+            if problem:
+                raise AssertionError(f"page failed while waiting for `{script}`: {problem}")
             time.sleep(0.1)
         raise TimeoutError(f"page did not satisfy `{script}` within {timeout:.0f} s")
 
     def click(self, css: str) -> None:
-        """A real pointer click on the first element matching ``css``."""
-        el = self._call("POST", self._s("/element"), {"using": "css selector", "value": css})
-        self._call("POST", self._s(f"/element/{next(iter(el.values()))}/click"))
+        """A real pointer click on the first element matching ``css`` (found again if the page
+        redrew it in between)."""
+        for attempt in range(3):
+            el = self._call("POST", self._s("/element"), {"using": "css selector", "value": css})
+            try:
+                self._call("POST", self._s(f"/element/{next(iter(el.values()))}/click"))
+                return
+            except RuntimeError as exc:
+                if "stale element" not in str(exc) or attempt == 2:
+                    raise
 
     def screenshot(self, path: Path | str) -> Path:
         png = base64.b64decode(self._call("GET", self._s("/screenshot")))

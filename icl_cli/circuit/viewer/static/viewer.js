@@ -454,7 +454,10 @@
         update();
       });
       d3.select('#clear-pins').on('click', function () { state.pinned = []; update(); });
-      window.addEventListener('resize', debounce(function () { if (state.data) update(); }, 200));
+      var lastWidth = window.innerWidth;
+      window.addEventListener('resize', debounce(function () {
+        if (state.data && window.innerWidth !== lastWidth) { lastWidth = window.innerWidth; update(); }
+      }, 200));
       return loadGraph(slug, true);
     }).catch(function (err) {
       window.__viewerErrors.push('loading failed: ' + err);
