@@ -104,7 +104,7 @@
   // area grows with the node's own share of influence, so the nodes that matter stand out
   function symbolFor(d) {
     if (d.feature_type === 'logit' || d.feature_type === 'embedding') return d3.symbol(d3.symbolSquare, 80)();
-    var area = 26 + 150 * Math.sqrt(d.share || 0);
+    var area = 26 + 100 * Math.sqrt(d.share || 0);
     return d3.symbol(isError(d) ? d3.symbolDiamond : d3.symbolCircle, isError(d) ? area * 1.3 : area)();
   }
 
@@ -133,13 +133,13 @@
       columns.push({ctx: c, x0: left, x1: left + w});
       left += w;
     });
-    var spacing = 8, pad = 6;
+    var spacing = 11, pad = 6;
     columns.forEach(function (col) {
       cells.get(col.ctx).forEach(function (group, stream) {
         var inner = Math.max(10, col.x1 - col.x0 - 2 * pad);
         var perLine = Math.max(1, Math.floor(inner / spacing));
         var lines = Math.ceil(group.length / perLine);
-        var dy = Math.min(9, y.bandwidth() / Math.max(lines, 1));
+        var dy = Math.min(11, y.bandwidth() / Math.max(lines, 1));
         var sorted = group.slice().sort(function (a, b) {
           return d3.ascending(a.influence == null ? -1 : a.influence, b.influence == null ? -1 : b.influence);
         });
@@ -261,6 +261,7 @@
     if (!d) {
       box.append('div').attr('class', 'hint')
         .text('Hover a node for its label; click it for its inputs and outputs; shift-click (or “pin”) adds it to the subgraph below.');
+      drawTopNodes(box);
       return;
     }
     box.append('div').attr('class', 'detail-title').text(d.clerp || d.id);
@@ -285,6 +286,23 @@
         .text(state.pinned.indexOf(d.id) >= 0 ? 'unpin' : 'pin')
         .on('click', function () { togglePin(d.id); });
     }
+  }
+
+  // with nothing selected: the most influential nodes shown, each a link to its details
+  function drawTopNodes(box) {
+    var top = visibleNodes(state.data).filter(function (d) { return typeof d.influence === 'number'; })
+      .sort(function (a, b) { return a.influence - b.influence; }).slice(0, 25);
+    if (!top.length) return;
+    box.append('h3').text('Most influential nodes');
+    var table = box.append('table').attr('class', 'conn-table');
+    top.forEach(function (d) {
+      var tr = table.append('tr').attr('class', 'conn-row top-row').on('click', function () { state.clickedId = d.id; update(); });
+      tr.append('td').append('span').attr('class', 'swatch').style('background', fillFor(d));
+      tr.append('td').attr('class', 'conn-label').text(d.clerp || d.id);
+      tr.append('td').attr('class', 'conn-weight').style('color', d.ie >= 0 ? POSITIVE : NEGATIVE)
+        .attr('title', 'IE in ' + state.data.meta.weight_unit).text(weightFormat(d.ie));
+    });
+    box.append('div').attr('class', 'hint').text('IE in ' + state.data.meta.weight_unit);
   }
 
   function drawConnections() {
