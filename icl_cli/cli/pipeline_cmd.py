@@ -1,11 +1,11 @@
-"""``icl pipeline``: the whole paper on one model, each step an ``icl`` command run in this process.
+"""``icl pipeline``: the whole paper on one model, each step a library step run in this process.
 
     icl pipeline                                   # the bundled toy model, every built-in task
     icl pipeline --tasks antonyms,en_es --smoke    # a quick check of an installation (tiny settings)
     icl --store /data/icl pipeline --out report    # then open report/index.html
 
-The steps are the commands of scripts/pipeline.sh with the same settings (the script is the same
-chain written as a shell script to copy and adapt; both make the same artifacts): collect →
+The steps are those of scripts/pipeline.sh with the same settings (the script is the same chain
+written as ``icl`` commands to copy and adapt; both make the same artifacts): collect →
 SAEs at the task-vector layer l and at l − 1 (the bundled toy suite when it is installed, else
 train-sae) → clean (task vectors at l, detector vectors at l − 1) → top-activations → steer
 (executor heatmap, detector steering) → ablate (activation mass, cross-task matrix,
@@ -16,9 +16,6 @@ the paper's and the path of the report's index.html.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,23 +23,25 @@ from typing import Optional
 
 import typer
 
+from icl_cli.cli.common import run_env, train_progress
 from icl_cli.cli.context import Globals, g, log
 from icl_cli.core.errors import IclError
+from icl_cli.core.runenv import RunEnv
 
 DEFAULT_TASKS = ("antonyms,singular_plural,en_es,en_fr,location_continent,location_religion,algo_last,algo_second")
 """Two tasks of each group of the paper (linguistic, translation, knowledge, algorithmic), ones whose
 task vectors work at the toy model's layer 5 and that the toy model does not already solve at 0
 shots (fr_en, es_en, it_en do): the whole pipeline fits in a few minutes on 2 CPU cores."""
 
-SMOKE = {  # tiny settings: every step runs, the numbers mean little
-    "collect": ["--n-prompts", "4", "--n-eval", "8", "--n-shot", "8"],
-    "train-sae": ["--tokens", "20480", "--width", "256", "--eval-tokens", "1024"],
-    "clean": ["--max-steps", "30", "--patience", "10", "--n-train", "6"],
-    "top": ["--tokens", "2000"],
-    "steer": ["--n-prompts", "6"],
-    "ablate": ["--n-prompts", "6"],
+SMOKE = {  # tiny settings: every step runs, the numbers mean little (fields of each step's request)
+    "collect": dict(n_prompts=4, n_eval=8, n_shot=8),
+    "train-sae": dict(tokens=20480, width=256, eval_tokens=1024),
+    "clean": dict(max_steps=30, patience=10, n_train=6),
+    "top": dict(tokens=2000),
+    "steer": dict(n_prompts=6),
+    "ablate": dict(n_prompts=6),
     "circuit": ["--n-prompts", "2", "--n-shot", "4", "--edge-nodes", "20"],
-    "faithfulness": [],
+    "faithfulness": {},
 }
 
 
@@ -50,33 +49,15 @@ def register(app: typer.Typer) -> None:
     app.command("pipeline")(pipeline_cmd)
 
 
-class _Runner:
-    """Runs ``icl`` subcommands in this process with the pipeline's global options."""
+class _Clock:
+    """The pipeline's headings on stderr, each with the seconds since the start."""
 
     def __init__(self, gl: Globals):
         self.gl = gl
         self.t0 = time.perf_counter()
-        self.base = ["--store", str(gl.store_path), "--device", gl.device, "--dtype", gl.dtype, "--seed", str(gl.seed)]
-        if gl.verbose:
-            self.base.append("-v")
 
-    def say(self, what: str) -> None:
+    def __call__(self, what: str) -> None:
         log(f"== [{time.perf_counter() - self.t0:.0f}s] {what}", ctx_globals=self.gl, style="bold")
-
-    def json(self, *args: str):
-        """Run ``icl --json ARGS`` and return its JSON document (progress stays on stderr)."""
-        from icl_cli.cli.app import app
-
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            code = app([*self.base, "--json", *args], standalone_mode=False, prog_name="icl")
-        if isinstance(code, int) and code != 0:
-            raise IclError(f"the pipeline stopped at `icl {' '.join(args)}` (exit {code}); fix the error above and run it again")
-        return json.loads(buf.getvalue())
-
-    def key(self, *args: str) -> str:
-        doc = self.json(*args)
-        return doc["key"] if isinstance(doc, dict) else doc[-1]["key"]
 
 
 def pipeline_cmd(
@@ -95,99 +76,134 @@ def pipeline_cmd(
     smoke: bool = typer.Option(False, "--smoke", help="Tiny settings: a quick check that every step runs (numbers are not meaningful)."),
 ) -> None:
     """Run the paper's pipeline end to end and report what it found beside the paper's numbers."""
+    from icl_cli.ablate.step import AblateRequest, LinkRequest, MassRequest, run_ablate, run_link, run_mass
+    from icl_cli.clean.step import CleanRequest, run_clean
+    from icl_cli.cli.clean_cmd import _floats
+    from icl_cli.collect.step import CollectRequest, TopRequest, run_collect, run_top_activations
+    from icl_cli.steer.step import SteerRequest, run_steer
+
     gl = g(ctx)
-    run = _Runner(gl)
-    x = SMOKE if smoke else {k: [] for k in SMOKE}
+    env = run_env(gl)
+    say = _Clock(gl)
+    x = SMOKE if smoke else {k: (dict() if isinstance(v, dict) else []) for k, v in SMOKE.items()}
     if gl.quiet:
         raise IclError("icl pipeline prints a report, not keys; drop -q (or use --json)")
 
-    run.say(f"collect: task vectors and the layer sweep ({model}, tasks: {tasks})")
-    tv_doc = run.json("collect", "--model", model, "--tasks", tasks, "--layers", "all", "--name", "pipeline-tv", *x["collect"])
-    tv = tv_doc["key"]
+    say(f"collect: task vectors and the layer sweep ({model}, tasks: {tasks})")
+    tv_out = run_collect(env, CollectRequest(model=model, tasks=tasks, layers="all", name="pipeline-tv", **x["collect"]))
+    tv = tv_out.result.artifact.key
     if layer is None:
-        best = Counter(t["best_layer"] for t in tv_doc["tasks"].values())
+        best = Counter(t["best_layer"] for t in tv_out.data["tasks"].values())
         layer = best.most_common(1)[0][0]
     if layer < 1:
         raise IclError(f"the task-vector layer is {layer}; detectors need layer l − 1 ≥ 0, so pass --layer ≥ 1")
     prev = layer - 1
 
-    sae, sae_prev, have_suite = _saes(run, gl, model, suite, layer, prev, sae_tokens, x["train-sae"])
-    run.say(f"clean: task vectors at layer {layer} (executors)")
-    sweep = [] if smoke or not sweep_l1 else ["--sweep-l1", sweep_l1]
-    clean_doc = run.json("clean", "--tv", tv, "--sae", sae, "--l1", str(clean_l1), *sweep, "--name", "pipeline-clean", *x["clean"])
-    clean = clean_doc["key"]
-    run.say(f"clean: detector vectors at layer {prev} (detectors)")
-    dclean = run.key("clean", "--tv", tv, "--sae", sae_prev, "--detectors", "--l1", str(detector_l1),
-                     "--name", "pipeline-clean-detectors", *x["clean"])
+    sae, sae_prev, have_suite = _saes(env, gl, say, model, suite, layer, prev, sae_tokens, x["train-sae"])
+    say(f"clean: task vectors at layer {layer} (executors)")
+    sweep = () if smoke or not sweep_l1 else _floats(sweep_l1)
+    clean_out = run_clean(env, CleanRequest(tv=tv, sae=sae, l1=clean_l1, sweep_l1=sweep, name="pipeline-clean", **x["clean"]))
+    clean = clean_out.result.artifact.key
+    say(f"clean: detector vectors at layer {prev} (detectors)")
+    dclean = run_clean(env, CleanRequest(tv=tv, sae=sae_prev, detectors=True, l1=detector_l1,
+                                         name="pipeline-clean-detectors", **x["clean"])).result.artifact.key
 
     keys = [tv, sae, sae_prev, clean, dclean]
-    top = sorted({f for r in clean_doc["tasks"].values() for f in r["features"][:2]})
+    top = sorted({int(f) for r in clean_out.data["tasks"].values() for f in r["features"][:2]})
     if top:
-        run.say("top-activations: contexts of each task's top two cleaned features")
-        keys.append(run.key("collect", "top-activations", "--sae", sae, "--features", ",".join(map(str, top)),
-                            "--name", "pipeline-top", *x["top"]))
+        say("top-activations: contexts of each task's top two cleaned features")
+        keys.append(run_top_activations(env, TopRequest(sae=sae, features=tuple(top), name="pipeline-top", **x["top"]))
+                    .result.artifact.key)
 
-    run.say(f"steer: executor heatmap at layer {layer}")
-    ex_doc = run.json("steer", "--clean", clean, "--name", "pipeline-executors", *x["steer"])
-    run.say(f"steer: detector steering at layer {prev}")
-    det_doc = run.json("steer", "--clean", dclean, "--mode", "detector", "--name", "pipeline-detectors", *x["steer"])
-    ex, det = ex_doc["key"], det_doc["key"]
+    say(f"steer: executor heatmap at layer {layer}")
+    ex_out = run_steer(env, SteerRequest(clean=clean, name="pipeline-executors", **x["steer"]))
+    say(f"steer: detector steering at layer {prev}")
+    det_out = run_steer(env, SteerRequest(clean=dclean, mode="detector", name="pipeline-detectors", **x["steer"]))
+    ex, det = ex_out.result.artifact.key, det_out.result.artifact.key
     keys += [ex, det]
     # the executors (detectors) the steering rule selected; a run where the rule selects none for
     # every task (tiny settings, a random suite) falls back to the cleaned vectors' kept features
-    sets = {w: ([] if any(d.get(w, {}).values()) else ["--set", "kept"]) for w, d in (("executors", ex_doc), ("detectors", det_doc))}
-    for w, extra in sets.items():
-        if extra:
+    sets = {w: ("selected" if any(d.get(w, {}).values()) else "kept") for w, d in (("executors", ex_out.data), ("detectors", det_out.data))}
+    for w, which in sets.items():
+        if which == "kept":
             log(f"no task has {w} by the steering rule; measuring the cleaned vectors' kept features instead", ctx_globals=gl)
 
-    run.say("ablate: activation mass by token role (executors, detectors)")
-    keys.append(run.key("ablate", "mass", "--features", ex, *sets["executors"], "--name", "pipeline-mass-executors", *x["ablate"]))
-    keys.append(run.key("ablate", "mass", "--features", det, *sets["detectors"], "--name", "pipeline-mass-detectors", *x["ablate"]))
-    run.say("ablate: cross-task matrix (the executors of task A ablated at the arrows, task B measured)")
-    keys.append(run.key("ablate", "--features", ex, *sets["executors"], "--roles", "arrow", "--cross-task",
-                        "--name", "pipeline-cross-task", *x["ablate"]))
-    run.say("ablate: detector → executor link")
-    link_set = ["--set", "kept"] if sets["executors"] or sets["detectors"] else []
-    keys.append(run.key("ablate", "link", "--detectors", det, "--executors", ex, *link_set,
-                        "--name", "pipeline-link", *x["ablate"]))
+    say("ablate: activation mass by token role (executors, detectors)")
+    keys.append(run_mass(env, MassRequest(features=ex, which=sets["executors"], name="pipeline-mass-executors",
+                                          **x["ablate"])).result.artifact.key)
+    keys.append(run_mass(env, MassRequest(features=det, which=sets["detectors"], name="pipeline-mass-detectors",
+                                          **x["ablate"])).result.artifact.key)
+    say("ablate: cross-task matrix (the executors of task A ablated at the arrows, task B measured)")
+    keys.append(run_ablate(env, AblateRequest(features=ex, which=sets["executors"], roles="arrow", cross_task=True,
+                                              name="pipeline-cross-task", **x["ablate"])).result.artifact.key)
+    say("ablate: detector → executor link")
+    link_set = "kept" if "kept" in sets.values() else "selected"
+    keys.append(run_link(env, LinkRequest(detectors=det, executors=ex, which=link_set, name="pipeline-link",
+                                          **x["ablate"])).result.artifact.key)
 
     circuits = []
     if not have_suite and circuit_tasks:
         log(f"no dictionary suite {suite!r} (resid, attn and transcoder dictionaries per layer), so no circuits; "
             "scripts/toy_saes.sh trains one for toy-icl, or pass --suite", ctx_globals=gl, style="yellow")
     for task in [t.strip() for t in circuit_tasks.split(",") if t.strip() and have_suite]:
-        run.say(f"circuit: {task}")
-        circuits.append(run.key("circuit", "--model", model, "--task", task, "--saes", suite, "--layers", circuit_layers,
-                                "--name", f"pipeline-circuit-{task}", *x["circuit"]))
+        say(f"circuit: {task}")
+        circuits.append(_command_key(gl, "circuit", "--model", model, "--task", task, "--saes", suite,
+                                     "--layers", circuit_layers, "--name", f"pipeline-circuit-{task}", *x["circuit"]))
     if circuits:
-        run.say("faithfulness: curves of each circuit" + (" and the cross-task matrix" if len(circuits) > 1 else ""))
+        from icl_cli.circuit.evaluate import FaithOptions
+        from icl_cli.circuit.faithfulness_step import FaithRequest, run_faithfulness
+
+        say("faithfulness: curves of each circuit" + (" and the cross-task matrix" if len(circuits) > 1 else ""))
         keys += circuits
-        keys.append(run.key("ablate", "--circuit", ",".join(circuits), *(["--cross-task"] if len(circuits) > 1 else []),
-                            "--name", "pipeline-faithfulness", *x["faithfulness"]))
+        opts = FaithOptions(cross_task=len(circuits) > 1, **x["faithfulness"])
+        keys.append(run_faithfulness(env, FaithRequest(",".join(circuits), options=opts, name="pipeline-faithfulness"))
+                    .result.artifact.key)
 
-    run.say(f"report: figures and {out}/index.html")
-    from icl_cli.cli.report_cmd import report_cmd
+    say(f"report: figures and {out}/index.html")
+    from icl_cli.cli.report_cmd import show_report
+    from icl_cli.report import build_report
 
-    report_cmd(ctx, refs=keys, out=out, inputs=False, params=False, brief=True)
-    run.say("done")
+    rep = build_report(env.store, keys, out=out.resolve(), with_inputs=False,
+                       progress=lambda m: log(f"rendering {m}", ctx_globals=gl))
+    show_report(gl, rep, brief=True)
+    say("done")
 
 
-def _saes(run: _Runner, gl: Globals, model: str, suite: str, layer: int, prev: int, tokens: int, extra: list[str]):
+def _saes(env: RunEnv, gl: Globals, say: _Clock, model: str, suite: str, layer: int, prev: int, tokens: int, extra: dict):
     """(SAE at l, SAE at l − 1, whether the suite exists): the suite's residual SAEs when it is
     for this model and has both, else trained ones."""
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # no suite is a normal case here, not an error
-            doc = run.json("store", "import-suite", suite)
+    from icl_cli.dictionaries.suite import import_suite, suite_name
+    from icl_cli.train_sae.step import TrainSaeRequest, run_train_sae
+
+    try:  # no suite is a normal case here, not an error: nothing is said about it
+        found = import_suite(env.store, suite, name=suite_name(suite))
     except IclError:
-        doc = None
-    have = {(d["kind"], d["layer"]): d["key"] for d in (doc or {}).get("dictionaries", [])}
-    if (doc or {}).get("model") == model and ("resid", layer) in have and ("resid", prev) in have:
-        run.say(f"SAEs: the residual SAEs of suite {suite} at layers {prev} and {layer}")
+        found = None
+    have = dict(found.member_keys) if found is not None else {}
+    if found is not None and found.model == model and ("resid", layer) in have and ("resid", prev) in have:
+        say(f"SAEs: the residual SAEs of suite {suite} at layers {prev} and {layer}")
         return have[("resid", layer)], have[("resid", prev)], True
-    run.say(f"train-sae: gated residual SAEs at layers {prev} and {layer}")
+    say(f"train-sae: gated residual SAEs at layers {prev} and {layer}")
     # toy-sized: 300k tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
-    doc = run.json("train-sae", "--model", model, "--layer", f"{prev},{layer}", "--site", "resid", "--arch", "gated",
-                   "--tokens", str(tokens), "--batch-tokens", "1024", "--lr", "1e-3", "--l1", "1", "--dataset", "tasks",
-                   "--name", "pipeline-sae", *extra)
-    by_layer = {gl.store().get(d["key"]).params["layer"]: d["key"] for d in doc}
+    req = TrainSaeRequest(**{**dict(model=model, layer=[f"{prev},{layer}"], site="resid", arch="gated", tokens=tokens,
+                                    batch_tokens=1024, lr=1e-3, l1=1.0, dataset="tasks", name="pipeline-sae"), **extra})
+    by_layer = {r.layer: r.key for r in run_train_sae(env, req, progress=lambda: train_progress(gl)).results}
     return by_layer[layer], by_layer[prev], bool(have)
+
+
+def _command_key(gl: Globals, *args: str) -> str:
+    """The key an ``icl`` command run in this process prints (for the steps without a library call yet)."""
+    import contextlib
+    import io
+    import json
+
+    from icl_cli.cli.app import app
+
+    base = ["--store", str(gl.store_path), "--device", gl.device, "--dtype", gl.dtype, "--seed", str(gl.seed)]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = app([*base, *(["-v"] if gl.verbose else []), "--json", *args], standalone_mode=False, prog_name="icl")
+    if isinstance(code, int) and code != 0:
+        raise IclError(f"the pipeline stopped at `icl {' '.join(args)}` (exit {code}); fix the error above and run it again")
+    doc = json.loads(buf.getvalue())
+    return doc["key"] if isinstance(doc, dict) else doc[-1]["key"]

@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from icl_cli.cli.context import emit, g, log
+from icl_cli.cli.context import Globals, emit, g, log
 
 
 def register(app: typer.Typer) -> None:
@@ -28,11 +28,19 @@ def report_cmd(
     brief: bool = typer.Option(False, "--brief", help="Print only the headline findings, the dictionaries' quality, where things are and what to run next."),
 ) -> None:
     """Render artifacts: tables, heatmaps, top features' contexts, lineage; figures and index.html with --out."""
-    from icl_cli.report import build_report, report_json
+    from icl_cli.report import build_report
 
     gl = g(ctx)
     rep = build_report(gl.store(), refs, out=out.resolve() if out else None, with_inputs=inputs,
                        progress=lambda m: log(f"rendering {m}", ctx_globals=gl))
+    show_report(gl, rep, brief=brief, params=params)
+
+
+def show_report(gl: Globals, rep, brief: bool = False, params: bool = False) -> None:
+    """Print a built report (report/report.py:build_report): where its index.html is on stderr,
+    then the terminal view (or only the headline and pointers with ``brief``), or its JSON."""
+    from icl_cli.report import report_json
+
     if rep.index is not None:
         log(f"report written: {rep.index}", ctx_globals=gl, style=None)
     view = (lambda: _brief(rep, gl.store_path)) if brief else (lambda: _terminal(rep, params))
