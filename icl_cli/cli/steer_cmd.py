@@ -41,7 +41,9 @@ def steer_cmd(
     scales: str = typer.Option("", "--scales", help="Negative mode: comma-separated scales (default: logspace 1…31.6, 7 values)."),
     n_prompts: int = typer.Option(32, "--n-prompts", help="Held-out prompts per task."),
     min_effect: float = typer.Option(0.2, "--min-effect", help="Executor rule: own-task relative loss decrease at least this."),
-    max_other: float = typer.Option(0.5, "--max-other", help="Executor rule: every other task's effect at most this × the own one."),
+    max_other: float = typer.Option(0.5, "--max-other", help="Executor rule: the compared tasks' effect at most this × the own one."),
+    rule: str = typer.Option("group", "--rule", help="Executor rule: group (compare with tasks of other task groups, the "
+                             "paper's: related tasks may share a feature) | strict (compare with every other task)."),
     executors: Optional[str] = typer.Option(None, "--executors", help="Negative mode: subtract each task's executors from this steer artifact."),
     normalise: bool = typer.Option(False, "--normalise", help="Show each row divided by its max, cells under 0.2 as 0 (paper)."),
     max_columns: int = typer.Option(60, "--max-columns", help="Heatmap columns shown (the features with the largest effects)."),
@@ -60,7 +62,7 @@ def steer_cmd(
         raise IclError("--clean is required: the clean artifact whose features to steer (make one with `icl clean`)")
     req = SteerRequest(clean=clean, sae=sae, mode=mode, features=features, tasks=tasks, scale=scale,
                        scales=_floats(scales) if scales.strip() else None, n_prompts=n_prompts, min_effect=min_effect,
-                       max_other=max_other, executors=executors, normalise=normalise, batch_size=batch_size, shard=shard,
+                       max_other=max_other, rule=rule, executors=executors, normalise=normalise, batch_size=batch_size, shard=shard,
                        name=name, force=force)
     emit_step(gl, run_steer(run_env(gl), req), lambda out: _views(out, mode, normalise, max_columns))
 

@@ -40,7 +40,9 @@ class SteerRequest:
     min_effect: float = 0.2
     """Executor rule: own-task relative loss decrease at least this."""
     max_other: float = 0.5
-    """Executor rule: the other tasks' effect at most this × the own one."""
+    """Executor rule: the compared tasks' effect at most this × the own one."""
+    rule: str = "group"
+    """Executor rule: group (compare with tasks of other task groups, the paper's) or strict (every other task)."""
     executors: Optional[str] = None
     """Negative mode: subtract each task's executors from this steer artifact."""
     normalise: bool = False
@@ -84,7 +86,7 @@ def run_steer(env: RunEnv, req: SteerRequest) -> SteerOutcome:
 
     mode, tasks = req.mode, req.tasks
     p = SteerParams(mode=mode, scale=req.scale, scales=tuple(req.scales) if req.scales is not None else NEGATIVE_SCALES,
-                    n_prompts=req.n_prompts, min_effect=req.min_effect, max_other=req.max_other, batch_size=req.batch_size)
+                    n_prompts=req.n_prompts, min_effect=req.min_effect, max_other=req.max_other, rule=req.rule, batch_size=req.batch_size)
     store = env.store
     clean_art = store.resolve(req.clean, step="clean")
     detectors = bool(clean_art.params.get("detectors"))
@@ -149,7 +151,8 @@ def run_steer(env: RunEnv, req: SteerRequest) -> SteerOutcome:
         from icl_cli.steer.heatmaps import merge_rows, steer_result, write_h5
 
         rows = merge_rows([read_h5(art.file("steer.h5")) for _, art in parts], names)
-        res = steer_result(p, layer, cp["model"], names, feats, rows, kept, per_task)
+        res = steer_result(p, layer, cp["model"], names, feats, rows, kept, per_task,
+                           {n: suite[n].group for n in names})
         with st.h5("steer.h5") as f:
             write_h5(f, res)
         holder["res"] = res
@@ -215,7 +218,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def _features(store, features: str, executors: str | None, p, names: list[str], kept: dict, layer: int, sae_art):
     """(features steered, per-task feature sets for negative mode or None, executors artifact or None)."""
-    from icl_cli.steer.heatmaps import read_h5, specificity
+    from icl_cli.steer.heatmaps import read_h5
 
     explicit = None if features.strip() == "all-kept" else _ints(features, "--features")
     if p.mode != "negative":
@@ -237,9 +240,8 @@ def _features(store, features: str, executors: str | None, p, names: list[str], 
         lost = [t for t in names if t not in r.tasks]
         if lost:
             raise IclError(f"steer artifact {exec_art.key[:12]} has no executors for {', '.join(lost)}; it holds {', '.join(r.tasks)}")
-        best = specificity(r.effect).best if len(r.tasks) >= 2 else [int(r.effect[0].argmax())]
-        # a task without executors under the rule falls back to its best feature (row argmax)
-        per_task = {t: (r.selected[t] or [r.features[best[r.tasks.index(t)]]]) for t in names}
+        # a task without executors under the rule brings none (no fallback to its best feature)
+        per_task = {t: list(r.selected[t]) for t in names}
     else:
         per_task = {t: kept[t] for t in names}
     return sorted({f for t in names for f in per_task[t]}), per_task, exec_art
