@@ -1,7 +1,7 @@
 """Graph exports of a circuit: the attribution-graph JSON of circuit-tracer's viewer (also what
 ``icl circuit serve`` shows), Graphviz DOT, and SVG when the `dot` program is installed.
 
-    paths = write_exports(folder, g)   # graph.json, graph-metadata.json, graph.dot[, graph.svg]
+    paths = write_exports(folder, g)   # graph.json, graph-metadata.json, graph.dot, <slug>.json[, graph.svg]
     doc = attribution_graph(g, node_threshold=0.8, edge_threshold=0.98)
 
 graph.json has circuit-tracer's layout (its frontend's graph_models.py): ``metadata`` (slug,
@@ -35,8 +35,9 @@ activation, ...) and ``links`` (source, target, weight). Our circuit maps onto i
   factor.
 * ``slug``: tasks, model and a digest of the graph, so that graphs of one folder stay apart.
 
-graph-metadata.json lists the graph, so circuit-tracer's local server and ``icl circuit serve``
-find it.
+graph-metadata.json lists the graph and ``<slug>.json`` (the same file as graph.json, hard-linked)
+holds it, so circuit-tracer's local server opens the folder (``serve(data_dir=folder)``);
+``icl circuit serve`` needs neither.
 """
 
 from __future__ import annotations
@@ -82,8 +83,20 @@ def write_exports(folder: Path | str, g: CircuitGraph, node_threshold: float = N
     paths[0].write_text(json.dumps(doc, ensure_ascii=False))
     paths[1].write_text(json.dumps({"graphs": [index_entry(doc)]}, ensure_ascii=False, indent=1))
     paths[2].write_text(to_dot(g))
+    paths.append(_same_file(paths[0], folder / f"{doc['metadata']['slug']}.json"))
     svg = _render_svg(paths[2], int(np.sum(g.selected)))
     return paths + ([svg] if svg is not None else [])
+
+
+def _same_file(src: Path, dst: Path) -> Path:
+    """``dst`` with the content of ``src``: a hard link where the file system allows, else a copy
+    (circuit-tracer's local server reads ``<slug>.json``; ours and the store use graph.json)."""
+    dst.unlink(missing_ok=True)
+    try:
+        dst.hardlink_to(src)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
 
 
 def index_entry(doc: dict) -> dict:

@@ -136,6 +136,8 @@ def test_structure_rows_columns_and_weights(tmp_path):
     assert len(doc["links"]) == 6 + 1
     index = json.loads((tmp_path / "exports" / "graph-metadata.json").read_text())["graphs"][0]
     assert index["slug"] == meta["slug"] and index["node_threshold"] == 1.0 and "icl" not in index
+    # circuit-tracer's local server reads <slug>.json from the folder
+    assert (tmp_path / "exports" / f"{meta['slug']}.json").read_bytes() == (tmp_path / "exports" / "graph.json").read_bytes()
 
 
 def test_default_pruning_by_hand():
@@ -278,7 +280,7 @@ def test_no_svg_without_dot(tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.shutil, "which", lambda name: None)
     paths = write_exports(tmp_path, small_graph())
-    assert not (tmp_path / "graph.svg").exists() and len(paths) == 3
+    assert not (tmp_path / "graph.svg").exists() and len(paths) == 4
 
 
 def test_numpy_attributes_export(tmp_path):

@@ -176,3 +176,8 @@ def test_viewer_in_headless_chromium(server, docs, tmp_path):
             b.click("#clear-pins")
         found = b.run("return window.__viewerErrors") + b.severe_logs()
     assert found == []
+
+
+def test_port_in_use_is_a_one_line_error(server, docs):
+    with pytest.raises(IclError, match="pass another --port"):
+        make_server(docs, port=server.server_address[1])
