@@ -117,3 +117,19 @@ def test_errors_are_one_line(made):
     assert "not in clean artifact" in _err(made, "--clean", clean, "--tasks", "es_en")
     assert "--clean is required" in _err(made)
     assert "beyond the SAE's width" in _err(made, "explore", "--sae", made["sae"], "--feature", "99", "--prompt", "hot ->")
+
+
+def test_negative_from_executors_takes_only_the_rules_executors(made):
+    """A task without executors by the rule brings no feature to negative steering (no fallback to
+    its best feature); with a loose rule each task brings exactly its executors."""
+    none = json.loads(made["ok"]("--json", "steer", "--clean", made["clean"], "--n-prompts", "3", "--min-effect", "5"))
+    assert all(not v for v in none["executors"].values())
+    neg = json.loads(made["ok"]("--json", "steer", "--clean", made["clean"], "--mode", "negative", "--executors",
+                                none["key"], "--scales", "0,4", "--n-prompts", "3"))
+    assert neg["features"] == [] and all(not v for v in neg["selected"].values())
+    loose = json.loads(made["ok"]("--json", "steer", "--clean", made["clean"], "--n-prompts", "3", "--min-effect", "0",
+                                  "--max-other", "100"))
+    neg = json.loads(made["ok"]("--json", "steer", "--clean", made["clean"], "--mode", "negative", "--executors",
+                                loose["key"], "--scales", "0,4", "--n-prompts", "3"))
+    assert neg["selected"] == loose["executors"]
+    assert neg["features"] == sorted({f for v in loose["executors"].values() for f in v})
