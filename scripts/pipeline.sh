@@ -70,19 +70,20 @@ step "steer: executor heatmap at layer $LAYER"
 EXEC=$($ICL -q steer --clean "$CLEAN" --name pipeline-executors)
 step "steer: detector steering at layer $PREV"
 DET=$($ICL -q steer --clean "$DCLEAN" --mode detector --name pipeline-detectors)
-# the steering rule's executors and detectors; when it selects none at all, the kept features
-SET_EXEC=(); SET_DET=(); SET_LINK=()
-[ "$($ICL --json steer --clean "$CLEAN" | json 'int(any(d["executors"].values()))')" = 1 ] || SET_EXEC=(--set kept)
-[ "$($ICL --json steer --clean "$DCLEAN" --mode detector | json 'int(any(d["detectors"].values()))')" = 1 ] || SET_DET=(--set kept)
-[ ${#SET_EXEC[@]} -eq 0 ] && [ ${#SET_DET[@]} -eq 0 ] || SET_LINK=(--set kept)
-
+# the steering rule's executors and detectors; a step whose every set is empty is skipped (not
+# measured: there is no fallback to other features)
+N_EXEC=$($ICL --json steer --clean "$CLEAN" | json 'sum(1 for v in d["executors"].values() if v)')
+N_DET=$($ICL --json steer --clean "$DCLEAN" --mode detector | json 'sum(1 for v in d["detectors"].values() if v)')
+MASS_EXEC=; MASS_DET=; CROSS=; LINK=
+[ "$N_EXEC" -gt 0 ] || echo "no task has executors by the steering rule: their steps are skipped" >&2
+[ "$N_DET" -gt 0 ] || echo "no task has detectors by the steering rule: their steps are skipped" >&2
 step "ablate: activation mass by token role (executors, detectors)"
-MASS_EXEC=$($ICL -q ablate mass --features "$EXEC" "${SET_EXEC[@]}" --name pipeline-mass-executors)
-MASS_DET=$($ICL -q ablate mass --features "$DET" "${SET_DET[@]}" --name pipeline-mass-detectors)
+[ "$N_EXEC" -gt 0 ] && MASS_EXEC=$($ICL -q ablate mass --features "$EXEC" --name pipeline-mass-executors)
+[ "$N_DET" -gt 0 ] && MASS_DET=$($ICL -q ablate mass --features "$DET" --name pipeline-mass-detectors)
 step "ablate: cross-task matrix (the executors of task A ablated at the arrows, task B measured)"
-CROSS=$($ICL -q ablate --features "$EXEC" "${SET_EXEC[@]}" --roles arrow --cross-task --name pipeline-cross-task)
+[ "$N_EXEC" -gt 1 ] && CROSS=$($ICL -q ablate --features "$EXEC" --roles arrow --cross-task --name pipeline-cross-task)
 step "ablate: detector → executor link"
-LINK=$($ICL -q ablate link --detectors "$DET" --executors "$EXEC" "${SET_LINK[@]}" --name pipeline-link)
+[ "$N_EXEC" -gt 0 ] && [ "$N_DET" -gt 0 ] && LINK=$($ICL -q ablate link --detectors "$DET" --executors "$EXEC" --name pipeline-link)
 
 CIRCUITS=()
 [ $HAVE_SUITE = 1 ] || { echo "no dictionary suite $SUITE, so no circuits (scripts/toy_saes.sh trains one)" >&2; CIRCUIT_TASKS=; }
@@ -99,6 +100,8 @@ if [ ${#CIRCUITS[@]} -gt 0 ]; then
 fi
 
 step "report: figures and $OUT/index.html"
-$ICL report "$TV" "$SAE" "$SAE_PREV" "$CLEAN" "$DCLEAN" "$TOP" "$EXEC" "$DET" "$MASS_EXEC" "$MASS_DET" "$CROSS" "$LINK" \
+MEASURED=()
+for k in "$MASS_EXEC" "$MASS_DET" "$CROSS" "$LINK"; do [ -n "$k" ] && MEASURED+=("$k"); done
+$ICL report "$TV" "$SAE" "$SAE_PREV" "$CLEAN" "$DCLEAN" "$TOP" "$EXEC" "$DET" "${MEASURED[@]}" \
   "${CIRCUITS[@]}" "${FAITH[@]}" --out "$OUT" --brief
 step "done"
