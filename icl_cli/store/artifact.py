@@ -8,14 +8,12 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Protocol
 
 from icl_cli.core.errors import IntegrityError
 from icl_cli.store.fsutil import MANIFEST, hash_file, tree_files
+from icl_cli.store.integrity import mark_intact
 from icl_cli.store.keys import compute_key
-
-if TYPE_CHECKING:
-    from icl_cli.store.store import Store
 
 MANIFEST_FORMAT = 1
 _ENV_PACKAGES = ("torch", "transformers", "safetensors", "h5py", "numpy", "sae-lens")
@@ -23,19 +21,34 @@ _ENV_PACKAGES = ("torch", "transformers", "safetensors", "h5py", "numpy", "sae-l
 
 def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of the artifact folder ``path``; IntegrityError if it is unreadable."""
+    remove = f"remove it with `icl store rm {path.name[:12]}` (or `icl store gc`) and rebuild it"
     try:
-        return json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise IntegrityError(f"{path} has no {MANIFEST}; run `icl store gc` to sweep it") from None
+        raise IntegrityError(f"{path} has no {MANIFEST}; {remove}") from None
     except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path / MANIFEST} is unreadable ({exc}); delete the artifact and rebuild it") from exc
+        raise IntegrityError(f"{path / MANIFEST} is unreadable ({' '.join(str(exc).split())}); {remove}") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), str):
+        raise IntegrityError(f"{path / MANIFEST} is not an artifact manifest; {remove}")
+    return manifest
+
+
+class ArtifactStore(Protocol):
+    """What an artifact needs from the store that holds it (``store.Store`` is one); declared here
+    so that this module needs nothing above it."""
+
+    root: Path
+
+    def names_of(self, key: str) -> list[str]: ...
+
+    def get(self, key: str) -> Optional["Artifact"]: ...
 
 
 @dataclass(eq=False)
 class Artifact:
     """A published artifact: its key, where it lies, and what its manifest says."""
 
-    store: "Store"
+    store: ArtifactStore
     key: str
     path: Path
     manifest: dict[str, Any]
@@ -109,7 +122,11 @@ class Artifact:
             if rel not in present:
                 out.append(f"{rel} (missing)")
                 continue
-            sha, size = hash_file(self.path / rel)
+            try:
+                sha, size = hash_file(self.path / rel)
+            except OSError as exc:
+                out.append(f"{rel} (unreadable: {exc.strerror or exc})")
+                continue
             if sha != info.get("sha256") or size != info.get("size"):
                 out.append(f"{rel} (sha256 mismatch)")
         out += [f"{rel} (not in the manifest)" for rel in sorted(present - set(self.files))]
@@ -119,7 +136,9 @@ class Artifact:
         """Re-hash every file; IntegrityError naming the damaged files on any mismatch."""
         bad = self.problems()
         if bad:
-            raise IntegrityError(f"artifact {self.key[:12]} ({self.step}) is damaged: " + "; ".join(bad))
+            raise IntegrityError(f"artifact {self.key[:12]} ({self.step}) is damaged: " + "; ".join(bad)
+                                 + f"; remove it with `icl store rm {self.key[:12]}` and rebuild it")
+        mark_intact(self.store.root, self)
         return self
 
     def __repr__(self) -> str:

@@ -1,15 +1,20 @@
 """Garbage collection: keep what names lead to, sweep the rest once it is old enough.
 
 1. Kept = every named artifact, every artifact published within the last ``older_than_seconds``,
-   and, recursively, every artifact any of those was made from (lineage never breaks).
+   every artifact a running process reads (its reader pin, pins.py), and, recursively, every
+   artifact any of those was made from (lineage never breaks).
 2. Every other artifact is moved to ``.trash`` (one atomic rename, so readers never see half a
-   folder) and deleted; so are folders of the layout whose manifest is missing or unreadable.
-3. Staging folders of writers that are dead (the pid in their name is gone, or they are older
+   folder) and deleted. While gc decides and moves, no process can take a new pin (pins.py), so
+   a step never loses an input it has started to read.
+3. Folders of the layout whose manifest is missing or unreadable are damaged beyond use: they are
+   deleted whatever their age and names (named or not, nothing can read them).
+4. Staging folders of writers that are dead (the pid in their name is gone, or they are older
    than ``STAGING_MAX_AGE_S``) and ``.trash`` leftovers are deleted.
-4. Work folders (checkpoints) are deleted once their artifact is published, or when no writer is
+5. Work folders (checkpoints) are deleted once their artifact is published, or when no writer is
    alive for them (no staging folder of a live pid, no process holding the key's lock) and
    nothing in them changed during the grace period.
-5. Names that point at artifacts no longer in the store are dropped.
+6. Lock files nobody holds, pin files of dead processes and check records of deleted artifacts
+   are deleted; names that point at artifacts no longer in the store are dropped.
 """
 
 from __future__ import annotations
@@ -19,15 +24,33 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable, Protocol
 
 from icl_cli.core.errors import IntegrityError
+from icl_cli.store import integrity, pins
+from icl_cli.store.artifact import Artifact
 from icl_cli.store.fsutil import newest_mtime, remove_tree, tree_size
 from icl_cli.store.keys import KEY_RE
-from icl_cli.store.lock import is_locked
+from icl_cli.store.lock import is_locked, sweep_unheld
 
-if TYPE_CHECKING:
-    from icl_cli.store.store import Store
+
+class GcStore(Protocol):
+    """What gc needs from the store (``store.Store`` is one); declared here so that gc needs
+    nothing above it."""
+
+    root: Path
+
+    def artifacts(self, step: str | None = None) -> list[Artifact]: ...
+
+    def get(self, key: str) -> Artifact | None: ...
+
+    def names(self) -> dict[str, str]: ...
+
+    def damaged(self) -> dict[str, str]: ...
+
+    def artifact_path(self, key: str) -> Path: ...
+
+    def trash(self, key: str) -> Path | None: ...
 
 STAGING_MAX_AGE_S = 2 * 86400
 """A staging folder this old is swept even if a process with its pid is alive (pid reuse)."""
@@ -47,6 +70,10 @@ class GcReport:
     """Stale work (checkpoint) folders deleted."""
     names: list[str] = field(default_factory=list)
     """Names dropped because their artifact is gone."""
+    in_use: int = 0
+    """Artifacts kept only because a running process reads them (or what they were made from)."""
+    locks: list[str] = field(default_factory=list)
+    """Lock and pin files nobody holds any more, deleted."""
     freed_bytes: int = 0
     dry_run: bool = False
 
@@ -85,7 +112,7 @@ def _stale_writer_dir(path: Path, now: float) -> bool:
     return not pid_alive(pid) or now - newest_mtime(path) > STAGING_MAX_AGE_S
 
 
-def _finished(art) -> float:
+def _finished(art: Artifact) -> float:
     """When the artifact was published (creation is when its step started)."""
     try:
         return dt.datetime.fromisoformat(art.created).timestamp() + float(art.manifest.get("duration_s") or 0)
@@ -93,7 +120,7 @@ def _finished(art) -> float:
         return art.path.stat().st_mtime
 
 
-def lineage_closure(store: "Store", roots: Iterable[str]) -> set[str]:
+def lineage_closure(store: GcStore, roots: Iterable[str]) -> set[str]:
     """``roots`` and everything they were made from (inputs, recursively)."""
     todo = list(roots)
     seen: set[str] = set()
@@ -111,15 +138,19 @@ def lineage_closure(store: "Store", roots: Iterable[str]) -> set[str]:
     return seen
 
 
-def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = False) -> GcReport:
+def _get(store: GcStore, key: str) -> Artifact | None:
+    try:
+        return store.get(key)
+    except IntegrityError:
+        return None  # an unreadable manifest: swept as damaged
+
+
+def collect_garbage(store: GcStore, older_than_seconds: float, dry_run: bool = False) -> GcReport:
     now = time.time()
     cutoff = now - older_than_seconds
     report = GcReport(dry_run=dry_run)
-    arts = store.artifacts()
-    named = lineage_closure(store, store.names().values())
-    # what is named or young stays, and so does everything it was made from
-    keep = lineage_closure(store, list(named) + [a.key for a in arts if _finished(a) > cutoff])
     live_keys = set()
+    trashed: list[Path] = []
 
     for sub in (".staging", ".trash"):
         folder = store.root / sub
@@ -132,31 +163,38 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
             elif sub == ".staging":
                 live_keys.add(_writer(path)[0])
 
-    for art in arts:
-        if art.key in keep:
-            report.kept += 1
-            report.protected += art.key in named
-            continue
-        report.removed.append({"key": art.key, "step": art.step, "created": art.created, "size": art.size})
-        report.freed_bytes += art.size
-        if not dry_run:
-            store._retire(art.key)
-            try:
-                art.path.parent.rmdir()  # the fan-out folder, if now empty
-            except OSError:
-                pass
-
-    for key, problem in store.damaged().items():  # folders whose manifest is gone or unreadable
-        path = store.artifact_path(key)
-        if key not in keep and newest_mtime(path) <= cutoff:
-            report.removed.append({"key": key, "step": None, "created": None, "size": tree_size(path), "problem": problem})
-            report.freed_bytes += tree_size(path)
+    # no new reader pin while we decide and move (pins.py); deleting the moved folders comes after
+    with pins.sweeping(store.root) as in_use:
+        arts = store.artifacts()
+        named = lineage_closure(store, store.names().values())
+        # what is named, young or being read stays, and so does everything it was made from
+        wanted = lineage_closure(store, list(named) + [a.key for a in arts if _finished(a) > cutoff])
+        keep = wanted | lineage_closure(store, in_use)
+        for art in arts:
+            if art.key in keep:
+                report.kept += 1
+                report.protected += art.key in named
+                report.in_use += art.key not in wanted
+                continue
+            report.removed.append({"key": art.key, "step": art.step, "created": art.created, "size": art.size})
+            report.freed_bytes += art.size
             if not dry_run:
-                store._retire(key)
+                trashed.append(store.trash(art.key))
+
+        for key, problem in store.damaged().items():  # folders whose manifest is gone or unreadable
+            path = store.artifact_path(key)
+            size = tree_size(path)
+            report.removed.append({"key": key, "step": None, "created": None, "size": size, "problem": problem})
+            report.freed_bytes += size
+            if not dry_run:
+                trashed.append(store.trash(key))
+    for path in trashed:
+        if path is not None:
+            remove_tree(path)
 
     work = store.root / ".work"
     for path in sorted(work.iterdir()) if work.is_dir() else []:
-        published = store.get(path.name) is not None
+        published = _get(store, path.name) is not None
         idle = path.name not in live_keys and not is_locked(store.root, path.name) and newest_mtime(path) <= cutoff
         if published or idle:
             report.work.append(str(path))
@@ -166,8 +204,18 @@ def collect_garbage(store: "Store", older_than_seconds: float, dry_run: bool = F
 
     removed = {r["key"] for r in report.removed}
     for name, key in store.names().items():
-        if key in removed or store.get(key) is None:
+        if key in removed or _get(store, key) is None:
             report.names.append(name)
             if not dry_run:
                 (store.root / ".names" / name).unlink(missing_ok=True)
+
+    report.locks = sweep_unheld(store.root, dry_run) + pins.sweep_stale(store.root, dry_run)
+    if not dry_run:
+        for path in integrity.stale_entries(store.root, set(store_keys(store))):
+            path.unlink(missing_ok=True)
     return report
+
+
+def store_keys(store: GcStore) -> list[str]:
+    """Keys of every artifact folder in the layout (readable or not)."""
+    return [a.key for a in store.artifacts()] + list(store.damaged())

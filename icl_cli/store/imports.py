@@ -21,16 +21,20 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from icl_cli.core.errors import IclError
 from icl_cli.store.artifact import StepResult
 from icl_cli.store.fsutil import hash_file
 from icl_cli.store.keys import StepSpec
+from icl_cli.store.staging import Build, Log, Staging
 
-if TYPE_CHECKING:
-    from icl_cli.store.staging import Staging
-    from icl_cli.store.store import Log, Store
+
+class Runner(Protocol):
+    """What an import needs from the store (``store.Store`` is one): run a step once."""
+
+    def run(self, spec: StepSpec, build: Build, name: str | None = None, force: bool = False,
+            log: Log | None = None) -> StepResult: ...
 
 IMPORT_VERSION = 1
 Files = list[tuple[Path, str]]  # (source file, path inside the artifact)
@@ -161,8 +165,10 @@ def _copy_hashing(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
-def import_path(store: "Store", src: Path, kind: str, name: str | None = None, log: "Log | None" = None) -> StepResult:
-    """Import ``src`` as an artifact of step ``import-<kind>``; reuses an identical earlier import."""
+def import_path(store: Runner, src: Path, kind: str, name: str | None = None, log: Log | None = None,
+                force: bool = False) -> StepResult:
+    """Import ``src`` as an artifact of step ``import-<kind>``; reuses an identical earlier import
+    (``force`` replaces it, e.g. when it was damaged)."""
     if kind not in KINDS:
         raise IclError(f"unknown import kind {kind!r}; choose one of: {', '.join(KINDS)}")
     src = src.expanduser().absolute()
@@ -175,7 +181,7 @@ def import_path(store: "Store", src: Path, kind: str, name: str | None = None, l
     params = {"content": content, "via": "convert" if convert is not None else "copy"}
     spec = StepSpec(step=f"import-{kind}", params=params, version=IMPORT_VERSION)
 
-    def build(st: "Staging") -> dict[str, Any]:
+    def build(st: Staging) -> dict[str, Any]:
         info = {"source": str(src), "n_files": len(files), "bytes": sum(p.stat().st_size for p, _ in files)}
         if convert is not None:
             try:
@@ -190,4 +196,4 @@ def import_path(store: "Store", src: Path, kind: str, name: str | None = None, l
                 raise IclError(f"{path} changed while it was imported; run the import again")
         return info
 
-    return store.run(spec, build, name=name, log=log)
+    return store.run(spec, build, name=name, force=force, log=log)

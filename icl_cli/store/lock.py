@@ -138,3 +138,32 @@ def is_locked(root: Path, key: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def sweep_unheld(root: Path, dry_run: bool = False) -> list[str]:
+    """Delete lock files nobody holds (left by a holder killed before it could unlink its file);
+    returns their paths. Safe against waiters by point 3 of the module docstring: we lock, unlink,
+    then unlock, exactly as a holder does."""
+    folder = Path(root) / LOCKS
+    if fcntl is None or not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("*.lock")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # held (or no flock here)
+            if not _same_file(fd, path):
+                continue
+            out.append(str(path))
+            if not dry_run:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        finally:
+            os.close(fd)
+    return out

@@ -8,20 +8,31 @@ leaves at most a stale staging folder that ``gc`` removes):
 3. files and sub-folders become read-only and the folder is renamed to ``root/<kk>/<key>/``;
    ``rename`` is atomic, and fails when another process published the same key first, in
    which case our copy is discarded and theirs is used (both writers succeed).
+4. Replacing an artifact (``--force``) swaps the new folder with the old one in one
+   ``renameat2(RENAME_EXCHANGE)`` and only then deletes the old one (now at the staging path):
+   a reader sees the old or the new artifact, never none, and a writer killed in between leaves
+   the new artifact published and the old one as a stale staging folder for ``gc``. Where the
+   kernel or file system cannot exchange, the old folder is moved aside just before the rename.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime as dt
+import errno
 import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from icl_cli.core.errors import IclError
-from icl_cli.store.fsutil import MANIFEST, fsync_dir, hash_file, make_readonly, tree_files
+from icl_cli.store import tensorfile
+from icl_cli.store.fsutil import MANIFEST, fsync_dir, hash_file, make_readonly, remove_tree, tree_files
+
+Log = Callable[[str], None]
+"""Where the store says what it does (reusing, computing, waiting)."""
 
 
 class Staging:
@@ -56,19 +67,9 @@ class Staging:
         return meta
 
     def save_safetensors(self, fname: str, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> Path:
-        """Save torch tensors (or numpy arrays) with ``icl_key``/``icl_step`` in the header metadata."""
-        path = self.path(fname)
-        meta = self._provenance(metadata)
-        first = next(iter(tensors.values()), None)
-        if first is not None and type(first).__module__.startswith("numpy"):
-            from safetensors.numpy import save_file
-
-            save_file({k: v for k, v in tensors.items()}, str(path), metadata=meta)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-        return path
+        """Save torch tensors (or numpy arrays) with ``icl_key``/``icl_step`` in the header metadata;
+        identical tensors and metadata give identical bytes (tensorfile.py)."""
+        return tensorfile.save(self.path(fname), tensors, self._provenance(metadata))
 
     @contextlib.contextmanager
     def h5(self, fname: str) -> Iterator[Any]:
@@ -128,15 +129,57 @@ def finalise(staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def publish(staging: Path, final: Path) -> bool:
-    """Rename a finalised staging folder into place; False when ``final`` already exists."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+Build = Callable[[Staging], Optional[Mapping[str, Any]]]
+"""A step's computation: writes its files into the staging folder, returns metrics (or None)."""
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where that is not available."""
     try:
-        os.rename(staging, final)
-    except OSError as exc:
-        if final.exists():
-            return False  # another writer won the race (EEXIST / ENOTEMPTY)
-        raise IclError(f"could not publish {final.name[:12]} into {final.parent}: {exc}") from exc
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOENT):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def publish(staging: Path, final: Path, replace: bool = False, trash: Optional[Path] = None) -> bool:
+    """Rename a finalised staging folder into place; False when ``final`` already exists.
+
+    With ``replace`` an existing ``final`` is swapped out first (point 4 of the module docstring)
+    and deleted; ``trash`` is where it is moved aside where the kernel cannot swap."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if replace and final.exists():
+        os.chmod(final, 0o755)  # moving a folder to another parent needs write access to it
+        if _exchange(staging, final):
+            os.chmod(final, 0o555)
+            fsync_dir(final.parent)
+            remove_tree(staging)  # the old artifact
+            return True
+        if trash is not None:
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(final, trash)
+    try:
+        try:
+            os.rename(staging, final)
+        except OSError as exc:
+            if final.exists():
+                return False  # another writer won the race (EEXIST / ENOTEMPTY)
+            if trash is not None and trash.exists():
+                os.rename(trash, final)  # put the old artifact back
+            raise IclError(f"could not publish {final.name[:12]} into {final.parent}: {exc}") from exc
+    finally:
+        if trash is not None:
+            remove_tree(trash)
     os.chmod(final, 0o555)
     fsync_dir(final.parent)
     return True

@@ -13,7 +13,14 @@ Layout under ``root``::
     .staging/<key>.<pid>.<rand>/            artifacts being written (see staging.py)
     .work/<key>/                            resumable scratch of a step (checkpoints)
     .locks/<key>.lock                       held (flock) while a process computes <key> (lock.py)
+    .pins/<pid>.<rand>.pin                  keys a live process reads; gc keeps them (pins.py)
+    .verified/<key>.json                    file metadata at the last full hash check (integrity.py)
     .trash/                                 artifacts being deleted (moved here first)
+
+Every artifact a step reads (``resolve``, inputs of ``run``, a reused result) is pinned for the
+life of the process and checked against its manifest's sha256 (re-hashed only when its files
+changed since the last full check): a damaged input stops the step with exit 3 before anything
+is computed from it, and is checked again before the result is published.
 """
 
 from __future__ import annotations
@@ -26,22 +33,24 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from icl_cli.core.errors import IclError, IntegrityError
+from icl_cli.store import integrity, pins
 from icl_cli.store.artifact import MANIFEST_FORMAT, Artifact, StepResult, code_version, environment, read_manifest
 from icl_cli.store.fsutil import MANIFEST, atomic_write_text, copy_tree_writable, remove_tree
+from icl_cli.store.gc import GcReport, collect_garbage
+from icl_cli.store.imports import import_path
 from icl_cli.store.keys import KEY_RE, StepSpec, normalise, split_params
 from icl_cli.store.lock import key_lock
-from icl_cli.store.staging import Staging, finalise, new_staging_dir, now_iso, publish
+from icl_cli.store.staging import Build, Log, Staging, finalise, new_staging_dir, now_iso, publish
 
 _logger = logging.getLogger("icl")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 6
 
-Build = Callable[[Staging], Optional[Mapping[str, Any]]]
-Log = Callable[[str], None]
+__all__ = ["Build", "Log", "Store", "check_name"]
 
 
 class Store:
@@ -110,8 +119,18 @@ class Store:
         for name, value in spec.inputs.items():
             if value is None:
                 continue
-            inputs[str(name)] = value.key if isinstance(value, Artifact) else self.resolve(str(value)).key
+            inputs[str(name)] = self.use(value).key if isinstance(value, Artifact) else self.resolve(str(value)).key
         return StepSpec(step=spec.step, params=spec.params, inputs=inputs, version=spec.version)
+
+    def use(self, art: Artifact, advice: str | None = None) -> Artifact:
+        """Pin ``art`` for this process (gc keeps it) and check its files against the manifest
+        (cheaply: integrity.py); IntegrityError naming the damage and how to repair it."""
+        pins.pin(self.root, art.key)
+        if not (art.path / MANIFEST).is_file():  # swept between finding it and pinning it
+            raise IclError(f"artifact {art.key[:12]} ({art.step}) was deleted meanwhile (by `icl store gc` or `rm`); rebuild it")
+        integrity.check_intact(self.root, art, advice or (
+            f"remove it with `icl store rm {art.key[:12]}`, then rebuild or re-import it"))
+        return art
 
     def lookup(self, spec: StepSpec) -> Artifact | None:
         """The artifact ``spec`` would produce, if it was already produced."""
@@ -147,6 +166,7 @@ class Store:
     def _reuse(self, spec: StepSpec, name: str | None, say: Log) -> Artifact | None:
         art = self.get(spec.key)
         if art is not None:
+            self.use(art, advice="pass --force to recompute it")
             say(f"reusing {spec.key[:12]} (step {spec.step}); pass --force to recompute")
             if name is not None:
                 self.tag(art, name)
@@ -181,9 +201,9 @@ class Store:
                 "metrics": normalise(dict(metrics or {}), exact_floats=True),
             }
             finalise(staging, manifest)
-            if force:
-                self._retire(key)
-            won = publish(staging, self.artifact_path(key))
+            self._recheck_inputs(spec)  # never publish what was computed from a damaged input
+            trash = self.root / ".trash" / staging.name
+            won = publish(staging, self.artifact_path(key), replace=force, trash=trash)
         except BaseException:
             remove_tree(staging)  # the work dir stays: a rerun resumes from its checkpoints
             raise
@@ -191,43 +211,107 @@ class Store:
             remove_tree(staging)
             say(f"{key[:12]} was published meanwhile by another process; using that copy")
         remove_tree(work_dir)
+        pins.pin(self.root, key)
         art = self.get(key)
         if art is None:  # removed between publish and now (a concurrent gc)
             raise IclError(f"artifact {key[:12]} vanished right after publishing; run the command again")
+        if won:
+            integrity.mark_intact(self.root, art)  # finalise hashed every file a moment ago
         if name is not None:
             self.tag(art, name)
         return StepResult(art, False)
 
-    def _retire(self, key: str) -> bool:
-        """Move an artifact out of the way (atomically), then delete it."""
+    def _recheck_inputs(self, spec: StepSpec) -> None:
+        for input_name, key in spec.input_keys.items():
+            art = self.get(key)
+            if art is None:
+                raise IclError(f"input {input_name} ({key[:12]}) was deleted while step {spec.step} ran; run the command again")
+            self.use(art, advice=f"nothing was published; remove it with `icl store rm {key[:12]}`, rebuild it, then rerun")
+
+    def trash(self, key: str) -> Path | None:
+        """Move an artifact folder into ``.trash`` (one atomic rename); where it went, or None when
+        it was not there. Deleting the folder from the trash is up to the caller."""
         path = self.artifact_path(key)
         if not path.exists():
-            return False
+            return None
         trash = self.root / ".trash" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
         trash.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.chmod(path, 0o755)  # renaming a folder to a new parent needs write access to it
             os.rename(path, trash)
         except FileNotFoundError:
-            return False  # someone else removed it first
-        remove_tree(trash)
+            return None  # someone else removed it first
+        integrity.forget(self.root, key)
+        with_fan = path.parent
+        try:
+            with_fan.rmdir()  # the fan-out folder, if now empty
+        except OSError:
+            pass
+        return trash
+
+    def retire(self, key: str) -> bool:
+        """Move an artifact out of the way (atomically), then delete it."""
+        moved = self.trash(key)
+        if moved is None:
+            return False
+        remove_tree(moved)
         return True
+
+    _retire = retire
+
+    def remove(self, ref: str) -> tuple[str, list[str]]:
+        """``icl store rm``: delete one artifact (also one whose manifest or files are damaged) and
+        the names that point at it; refused while another process reads it. Returns (key, names)."""
+        key = self._key_of(str(ref).strip())
+        with pins.sweeping(self.root) as in_use:
+            if key in in_use:
+                raise IclError(f"artifact {key[:12]} is being read by a running step; remove it when that step is done")
+            moved = self.trash(key)
+        names = [n for n, k in self.names().items() if k == key]
+        for n in names:
+            (self.root / ".names" / n).unlink(missing_ok=True)
+        if moved is not None:
+            remove_tree(moved)
+        return key, names
+
+    def _key_of(self, ref: str) -> str:
+        """The key a ref means, found from folder and name files alone (no manifest is read)."""
+        if KEY_RE.match(ref):
+            if self.artifact_path(ref).is_dir():
+                return ref
+            raise IclError(f"no artifact {ref[:12]}… in store {self.root}; see `icl store ls`")
+        names = self.names()
+        if ref in names:
+            return names[ref]
+        if ref and _HEX_RE.match(ref) and len(ref) >= MIN_PREFIX:
+            folder = self.root / ref[:2]
+            matches = sorted(p.name for p in folder.iterdir() if p.name.startswith(ref) and KEY_RE.match(p.name)) if folder.is_dir() else []
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise IclError(f"key prefix {ref!r} is ambiguous ({len(matches)} artifacts); give more characters")
+        raise IclError(f"no artifact or name {ref!r} in store {self.root}; see `icl store ls`")
 
     # ---- references and names ---------------------------------------------------------------
 
-    def resolve(self, ref: "str | Artifact", step: str | Sequence[str] | None = None) -> Artifact:
-        """The artifact a full key, a unique key prefix (>= 6 chars) or a name refers to."""
+    def resolve(self, ref: "str | Artifact", step: str | Sequence[str] | None = None, *, check: bool = True) -> Artifact:
+        """The artifact a full key, a unique key prefix (>= 6 chars) or a name refers to.
+
+        With ``check`` (what a step reading it wants) it is also pinned and checked (``use``)."""
         art = ref if isinstance(ref, Artifact) else self._resolve(str(ref).strip())
         steps = [step] if isinstance(step, str) else list(step or [])
         if steps and art.step not in steps:
             want = " or ".join(steps)
             raise IclError(f"{ref if isinstance(ref, str) else art.key[:12]} is a {art.step} artifact, not {want}; pass the key or name of a {want} artifact")
-        return art
+        return self.use(art) if check else art
 
     def find(self, ref: str) -> Artifact | None:
-        """The artifact ``ref`` names, or None when it names none (a folder, file or release id)."""
+        """The artifact ``ref`` names, or None when it names none (a folder, file or release id);
+        a damaged artifact is an IntegrityError, not None."""
         try:
             return self.resolve(ref)
+        except IntegrityError:
+            raise
         except IclError:
             return None
 
@@ -295,7 +379,7 @@ class Store:
     def tag(self, ref: "str | Artifact", name: str) -> Artifact:
         """Point ``name`` at an artifact (moving it if it pointed elsewhere); named lineage survives gc."""
         check_name(name)
-        art = self.resolve(ref)
+        art = self.resolve(ref, check=False)
         atomic_write_text(self.root / ".names" / name, art.key + "\n")
         return art
 
@@ -312,25 +396,24 @@ class Store:
 
     def verify(self, ref: "str | Artifact") -> Artifact:
         """Re-hash every file of an artifact; IntegrityError naming the damaged files."""
-        return self.resolve(ref).verify()
+        return self.resolve(ref, check=False).verify()
 
     def lineage(self, ref: "str | Artifact") -> dict[str, Any]:
         """{key, step, names, inputs: {input name: lineage of that input}} down to the roots."""
-        art = self.resolve(ref)
+        art = self.resolve(ref, check=False)
         node: dict[str, Any] = {"key": art.key, "step": art.step, "names": art.names, "inputs": {}}
         for name, key in art.inputs.items():
             node["inputs"][name] = self.lineage(key) if self.get(key) else {"key": key, "step": None, "missing": True, "inputs": {}}
         return node
 
-    def import_path(self, path: str | os.PathLike, kind: str, name: str | None = None, log: Log | None = None) -> StepResult:
+    def import_path(self, path: str | os.PathLike, kind: str, name: str | None = None, log: Log | None = None,
+                    force: bool = False) -> StepResult:
         """Bring an existing file or folder into the store (kinds: see ``store.imports.KINDS``)."""
-        from icl_cli.store.imports import import_path
-
-        return import_path(self, Path(path), kind, name=name, log=log)
+        return import_path(self, Path(path), kind, name=name, log=log, force=force)
 
     def export(self, ref: "str | Artifact", dest: str | os.PathLike) -> Path:
         """Copy an artifact's files (manifest included) into a new folder as writable files."""
-        art = self.resolve(ref)
+        art = self.resolve(ref, check=False)
         dest = Path(dest).expanduser().absolute()
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise IclError(f"{dest} already exists and is not an empty folder; choose a new destination")
@@ -338,11 +421,9 @@ class Store:
         copy_tree_writable(art.path, dest)
         return dest
 
-    def gc(self, older_than_seconds: float = 14 * 86400, dry_run: bool = False):
-        """Delete unnamed artifacts outside named lineage, older than the grace period, and stale
-        staging/work folders. Returns a ``GcReport``."""
-        from icl_cli.store.gc import collect_garbage
-
+    def gc(self, older_than_seconds: float = 14 * 86400, dry_run: bool = False) -> GcReport:
+        """Delete unnamed artifacts outside named lineage, older than the grace period and read by
+        no running step, damaged artifacts, and stale staging/work/lock folders (gc.py)."""
         return collect_garbage(self, older_than_seconds, dry_run)
 
 

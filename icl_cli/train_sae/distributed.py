@@ -17,6 +17,13 @@ batch (``--batch-tokens``), whatever W is (so W is not part of the artifact's ke
    dead-feature masks and resampling then agree on every rank.
 4. Rank 0 alone writes checkpoints, evaluates and publishes the artifact; every rank reads the
    checkpoint on ``--resume`` (the store must be on a file system all ranks share).
+5. At exit the process group is destroyed while the interpreter is still whole (``shutdown``,
+   from atexit), which joins gloo's worker threads. Nothing may keep the group alive past that:
+   ``torch.distributed.nn`` binds ``group.WORLD`` as a default argument when it is imported, and
+   transformers imports it while loading a model, so it is imported here *before* the group
+   exists. Otherwise the group outlives ``destroy_process_group``, a gloo worker thread frees its
+   last collective's tensors during interpreter shutdown, cannot take the GIL, and the rank
+   aborts ("terminate called without an active exception", exit -6) once in a few runs.
 """
 
 from __future__ import annotations
@@ -65,15 +72,43 @@ def init_from_env() -> Group:
     if not launched():
         return Group()
     if not dist.is_initialized():
+        import torch.distributed.nn  # noqa: F401  - before the group exists: point 5 of the docstring
+
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
-            atexit.register(dist.destroy_process_group)
+            atexit.register(shutdown)
         except (ValueError, RuntimeError) as exc:
             raise IclError(f"could not join the torchrun process group: {exc}; launch with `torchrun --nproc-per-node N -m icl_cli ...`") from exc
     return current()
+
+
+def shutdown() -> None:
+    """Destroy the process group (if any) while the interpreter is whole: gloo joins its threads."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def backend_threads() -> list[str]:
+    """Names of this process's gloo/NCCL threads still running (Linux; empty elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if "gloo" in name or "nccl" in name.lower():
+            names.append(name)
+    return sorted(names)
 
 
 def current() -> Group:

@@ -16,9 +16,15 @@ RUNS = [
 def main() -> None:
     from icl_cli.cli.app import app
 
+    from icl_cli.train_sae.distributed import backend_threads, shutdown
+
     store, model = sys.argv[1], sys.argv[2]
     for run in RUNS:
         app(["--store", store, "-q", "train-sae", "--model", model, *run, *COMMON], standalone_mode=False)
+    # what atexit does: a group that outlives this (gloo threads still running) aborts the rank in
+    # interpreter shutdown now and then (test_distributed.py checks the line below)
+    shutdown()
+    print(f"backend threads after shutdown: {', '.join(backend_threads()) or 'none'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_toy_dir):
     keys_two = proc.stdout.split()
     assert keys_two == keys_one  # rank 0 alone printed, and the keys do not depend on the world size
     assert "data-parallel over 2 processes" in proc.stderr
+    # every rank's process group is gone with its threads before the interpreter shuts down
+    assert proc.stderr.count("backend threads after shutdown: none") == 2, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
 
     for key in keys_one:
         a, b = Store(one).get(key), Store(two).get(key)
