@@ -18,13 +18,9 @@ from typing import List, Optional
 
 import typer
 
-from icl_cli.cli.common import load_lm, saved
+from icl_cli.cli.common import run_env
 from icl_cli.cli.context import emit, g, log
 from icl_cli.cli.shard_cli import CIRCUIT_SHARD_HELP
-from icl_cli.core.errors import IclError
-
-FORMAT_VERSION = 1
-
 
 app = typer.Typer(help="Sparse feature circuits of ICL tasks; `circuit serve` shows their graphs in a browser.",
                   invoke_without_command=True)
@@ -61,130 +57,22 @@ def circuit_cmd(
     if task is None or not saes:
         raise typer.BadParameter("pass --task and --saes (or a subcommand: serve)",
                                  param_hint="'--task' / '--saes'")
-    from icl_cli.circuit.compute import CircuitParams
-    from icl_cli.circuit.dicts import resolve_dicts
-    from icl_cli.core.identity import model_info
-    from icl_cli.core.layers import parse_layers
-    from icl_cli.core.models import resolve_device, resolve_dtype
-    from icl_cli.core.tasks import resolve_tasks
+    from icl_cli.circuit.step import CircuitRequest, estimate_circuit, run_circuit
 
     gl = g(ctx)
-    store = gl.store()
-    p = CircuitParams(n_prompts=n_prompts, n_shot=n_shot, method=method, ig_steps=ig_steps, baseline=baseline,
-                      per_position=per_position, target=target, edge_nodes=edge_nodes, template=template, seed=gl.seed,
-                      single_token=single_token, prompt_positions=prompt_positions)
-    if edge_rows < 1:
-        raise IclError("--edge-rows must be ≥ 1")
-    tasks = resolve_tasks(task)
-    from icl_cli.store import shards as sharding
-
-    part, torchrun = sharding.resolve(shard)
-    fingerprint, n_layers, d_model = model_info(model, gl.trust_remote_code)
-    chosen = parse_layers(layers, n_layers)
-    dicts, inputs = resolve_dicts(store, saes, chosen, model, d_model, fingerprint)
-    device = resolve_device(gl.device)
-    dtype = resolve_dtype(gl.dtype, device)
-    if len(tasks) == 1 and part is None:  # one task: one circuit, as always
-        if estimate:
-            est = _estimate(gl, model, tasks[0], dicts, p, edge_rows, device, dtype, measure=True)
-            data = {"model": model, "task": tasks[0].name, "layers": chosen, **est.to_json()}
-            emit(gl, data, table=lambda: _estimate_table(data))
-            return
-        res, graph = _circuit(gl, store, model, tasks[0], dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint,
-                              name, force)
-        data = summary(res.artifact.key, graph)
-        emit(gl, data, table=lambda: _tables(data, graph, top), keys=[res.artifact.key])
-        return
+    req = CircuitRequest(task=task, saes=saes, model=model, layers=layers, n_prompts=n_prompts, n_shot=n_shot, method=method,
+                         ig_steps=ig_steps, baseline=baseline, per_position=per_position, single_token=single_token,
+                         prompt_positions=prompt_positions, target=target, edge_nodes=edge_nodes, edge_rows=edge_rows,
+                         template=template, shard=shard, name=name, force=force)
     if estimate:
-        raise IclError("--estimate is for one --task; run it per task")
-    if name is not None:
-        raise IclError("--name names one artifact; leave it out with several tasks (or name each circuit with `icl store tag`)")
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise IclError(f"--task lists a task twice ({task}); give each task once")
-    mine = names
-    if part is not None:
-        sharding.check_count(part, names)
-        mine = part.tasks(names)
-        log(f"shard {part}: circuits of {len(mine)} of {len(names)} tasks ({', '.join(mine)})", ctx_globals=gl)
-    by_name = {t.name: t for t in tasks}
-    done = {}
-    for t in mine:
-        res, _ = _circuit(gl, store, model, by_name[t], dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint,
-                          None, force, graph=False)
-        done[t] = res
-    reused = sum(r.reused for r in done.values())
-    log(f"circuits of {len(done)} task(s): {reused} reused, {len(done) - reused} computed", ctx_globals=gl)
-    if part is not None and torchrun and part.index != 0:
-        return  # under torchrun only rank 0 prints
-    show = mine
-    if part is not None and torchrun:  # rank 0: wait for the other ranks' circuits, then print them all
-        keys = {t: store.bind(_spec(model, by_name[t], p, inputs, chosen, dtype, fingerprint)).key for t in names}
-        _wait(store, keys, lambda m: log(m, ctx_globals=gl))
-        show = names
-    arts = {t: (done[t].artifact if t in done else store.get(keys[t])) for t in show}
-    from icl_cli.circuit.graph import read_h5
-
-    rows = {t: {"task": t, **summary(a.key, read_h5(a.file("circuit.h5")), n_top=5)} for t, a in arts.items()}
-    data = {"circuits": list(rows.values()), "shard": str(part) if part is not None and not torchrun else None}
-    emit(gl, data, table=lambda: _many_table(data), keys=[a.key for a in arts.values()])
-
-
-def _spec(model, task, p, inputs, chosen, dtype, fingerprint):
-    """The circuit step's spec for one task."""
-    from icl_cli.core.identity import tasks_digest
-    from icl_cli.store import StepSpec
-
-    params = {**p.__dict__, "model": model, "task": task.name, "tasks_digest": tasks_digest([task]),
-              "layers": chosen, "dtype": str(dtype), "model_fingerprint": fingerprint}
-    return StepSpec("circuit", params, inputs, FORMAT_VERSION)
-
-
-def _circuit(gl, store, model, task, dicts, inputs, p, edge_rows, chosen, device, dtype, fingerprint, name, force,
-             graph: bool = True):
-    """(StepResult, CircuitGraph or None) of one task's circuit: reused, or checked against free memory and computed."""
-    spec = _spec(model, task, p, inputs, chosen, dtype, fingerprint)
-    if graph or force or store.lookup(spec) is None:  # one task: checked as before, even when reused
-        est = _estimate(gl, model, task, dicts, p, edge_rows, device, dtype, measure=False)
-        if not est.fits() and not force:
-            raise IclError(f"the circuit{'' if graph else ' of ' + task.name} needs about {est.total / 2**30:.1f} GiB ({est.phase} phase) but "
-                           f"{est.free / 2**30:.1f} GiB are free; lower --n-prompts, --n-shot or --edge-rows, choose fewer "
-                           "--layers, or pass --force")
-    holder = {}
-
-    def build(st):
-        from icl_cli.circuit.compute import compute_circuit
-        from icl_cli.circuit.export import write_exports
-        from icl_cli.circuit.graph import write_h5
-        from icl_cli.core.sites import HookedModel
-
-        lm = load_lm(gl, model)
-        dd = {k: d.to(lm.device).requires_grad_(False) for k, d in dicts.items()}
-        say = lambda m: log(m, ctx_globals=gl)  # noqa: E731
-        g_ = compute_circuit(HookedModel(lm.model), lm.tokenizer, task, dd, p, model, edge_rows, say)
-        with st.h5("circuit.h5") as f:
-            write_h5(f, g_)
-        write_exports(st.dir / "exports", g_)
-        holder["graph"] = g_
-        return {"n_nodes": int(g_.selected.sum()), "n_edges": g_.n_edges,
-                "faithfulness": g_.attrs["faithfulness"], "threshold": g_.attrs["threshold"]}
-
-    res = store.run(spec, build, name=name, force=force, log=lambda m: log(m, ctx_globals=gl))
-    saved(gl, res)
-    if not graph:
-        return res, None
-    from icl_cli.circuit.graph import read_h5
-
-    return res, holder.get("graph") or read_h5(res.artifact.file("circuit.h5"))
-
-
-def _wait(store, keys: dict, say, timeout: float | None = None) -> None:
-    """Poll the store until every circuit of ``keys`` (task -> key) is published (rank 0 under torchrun)."""
-    from icl_cli.store.shards import poll
-
-    poll(lambda: ", ".join(t for t, k in keys.items() if store.get(k) is None), say,
-         "waiting for the circuits of {} (other ranks)",
-         "the circuits of {} did not appear within {:.0f} s (ICL_SHARD_TIMEOUT); check those ranks' logs", timeout)
+        data = estimate_circuit(run_env(gl), req)
+        emit(gl, data, table=lambda: _estimate_table(data))
+        return
+    out = run_circuit(run_env(gl), req)
+    if out.graph is not None:
+        emit(gl, out.data, table=lambda: _tables(out.data, out.graph, top), keys=out.keys)
+    elif out.data is not None:  # several tasks (nothing on a torchrun rank other than 0)
+        emit(gl, out.data, table=lambda: _many_table(out.data), keys=out.keys)
 
 
 def _many_table(data: dict):
@@ -197,36 +85,6 @@ def _many_table(data: dict):
         t.add_row(r["task"], r["key"][:12], str(r["n_nodes"]), str(r["n_feature_nodes"]), str(r["n_edges"]),
                   f"{r['faithfulness']:.3f}")
     return t
-
-
-def _estimate(gl, model, task, dicts, p, edge_rows, device, dtype, measure: bool):
-    """The memory and time estimate, from the config, the tokenizer and the dictionaries only."""
-    import torch
-
-    from icl_cli.circuit.compute import context_length, prompt_batch
-    from icl_cli.circuit.estimate import Shapes, estimate, free_memory, measure_throughput
-    from icl_cli.core.models import load_config, load_tokenizer
-
-    config = load_config(model, gl.trust_remote_code)
-    tok = load_tokenizer(model, gl.trust_remote_code)
-    _, batch = prompt_batch(tok, task, p, context_length(config))
-    shapes = Shapes.of(config, dicts, torch.tensor([], dtype=dtype).element_size())
-    tput = measure_throughput(device) if measure else None
-    return estimate(shapes, len(batch), batch.input_ids.shape[1], p.method, p.ig_steps, edge_rows, p.edge_nodes,
-                    throughput=tput, free=free_memory(device))
-
-
-def summary(key: str, graph, n_top: int = 20) -> dict:
-    """The --json document of the issue."""
-    import numpy as np
-
-    sel = np.flatnonzero(graph.selected)
-    order = sel[np.argsort(-np.abs(graph.ie[sel]), kind="stable")][:n_top]
-    return {"key": key, "n_nodes": int(len(sel)), "n_edges": graph.n_edges,
-            "threshold": graph.attrs.get("threshold"), "faithfulness": graph.attrs.get("faithfulness"),
-            "n_feature_nodes": int((graph.feature[sel] >= 0).sum()),
-            "top_nodes": [{"site": str(graph.site[i]), "layer": int(graph.layer[i]), "role": str(graph.role[i]),
-                           "feature": int(graph.feature[i]), "ie": float(graph.ie[i])} for i in order]}
 
 
 def _node(graph, i: int) -> str:

@@ -40,7 +40,7 @@ SMOKE = {  # tiny settings: every step runs, the numbers mean little (fields of 
     "top": dict(tokens=2000),
     "steer": dict(n_prompts=6, min_effect=0.01),  # a loose rule, so that tiny settings still select executors
     "ablate": dict(n_prompts=6),
-    "circuit": ["--n-prompts", "2", "--n-shot", "4", "--edge-nodes", "20"],
+    "circuit": dict(n_prompts=2, n_shot=4, edge_nodes=20),
     "faithfulness": {},
 }
 
@@ -77,6 +77,7 @@ def pipeline_cmd(
 ) -> None:
     """Run the paper's pipeline end to end and report what it found beside the paper's numbers."""
     from icl_cli.ablate.step import AblateRequest, LinkRequest, MassRequest, run_ablate, run_link, run_mass
+    from icl_cli.circuit.step import CircuitRequest, run_circuit
     from icl_cli.clean.step import CleanRequest, run_clean
     from icl_cli.cli.clean_cmd import _floats
     from icl_cli.collect.step import CollectRequest, TopRequest, run_collect, run_top_activations
@@ -85,7 +86,7 @@ def pipeline_cmd(
     gl = g(ctx)
     env = run_env(gl)
     say = _Clock(gl)
-    x = SMOKE if smoke else {k: (dict() if isinstance(v, dict) else []) for k, v in SMOKE.items()}
+    x = SMOKE if smoke else {k: {} for k in SMOKE}
     if gl.quiet:
         raise IclError("icl pipeline prints a report, not keys; drop -q (or use --json)")
 
@@ -151,8 +152,8 @@ def pipeline_cmd(
             "scripts/toy_saes.sh trains one for toy-icl, or pass --suite", ctx_globals=gl, style="yellow")
     for task in [t.strip() for t in circuit_tasks.split(",") if t.strip() and have_suite]:
         say(f"circuit: {task}")
-        circuits.append(_command_key(gl, "circuit", "--model", model, "--task", task, "--saes", suite,
-                                     "--layers", circuit_layers, "--name", f"pipeline-circuit-{task}", *x["circuit"]))
+        circuits.append(run_circuit(env, CircuitRequest(task=task, saes=[suite], model=model, layers=circuit_layers,
+                                                        name=f"pipeline-circuit-{task}", **x["circuit"])).keys[0])
     if circuits:
         from icl_cli.circuit.evaluate import FaithOptions
         from icl_cli.circuit.faithfulness_step import FaithRequest, run_faithfulness
@@ -194,20 +195,3 @@ def _saes(env: RunEnv, gl: Globals, say: _Clock, model: str, suite: str, layer: 
     by_layer = {r.layer: r.key for r in run_train_sae(env, req, progress=lambda: train_progress(gl)).results}
     return by_layer[layer], by_layer[prev], bool(have)
 
-
-def _command_key(gl: Globals, *args: str) -> str:
-    """The key an ``icl`` command run in this process prints (for the steps without a library call yet)."""
-    import contextlib
-    import io
-    import json
-
-    from icl_cli.cli.app import app
-
-    base = ["--store", str(gl.store_path), "--device", gl.device, "--dtype", gl.dtype, "--seed", str(gl.seed)]
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = app([*base, *(["-v"] if gl.verbose else []), "--json", *args], standalone_mode=False, prog_name="icl")
-    if isinstance(code, int) and code != 0:
-        raise IclError(f"the pipeline stopped at `icl {' '.join(args)}` (exit {code}); fix the error above and run it again")
-    doc = json.loads(buf.getvalue())
-    return doc["key"] if isinstance(doc, dict) else doc[-1]["key"]
