@@ -18,11 +18,6 @@ def run_env(gl: Globals) -> RunEnv:
                   progress=lambda total, what: task_progress(gl, total, what))
 
 
-def load_lm(gl: Globals, model: str):
-    """Load a model with the global --device / --dtype / --device-map, seeding torch first."""
-    return run_env(gl).load_lm(model)
-
-
 PLAIN_EVERY_S = 10.0
 """On a stderr that is not a terminal, a progress line at most this often (and the last one)."""
 
@@ -75,21 +70,6 @@ def task_progress(gl: Globals, total: int, what: str) -> Iterator:
             bar.update(task, advance=0 if label.startswith("…") else 1, label=label)
 
         yield advance
-
-
-def saved(gl: Globals, res) -> None:
-    """Say on stderr whether an artifact was computed or reused."""
-    run_env(gl).saved(res)
-
-
-def maybe_artifact(store, ref: str):
-    """The store artifact ``ref`` names, or None when it names none (a folder, file or release id)."""
-    from icl_cli.core.errors import IclError
-
-    try:
-        return store.resolve(ref)
-    except IclError:
-        return None
 
 
 class train_progress:

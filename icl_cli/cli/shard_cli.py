@@ -32,21 +32,3 @@ def emit_step(gl: Globals, out, table) -> None:
     elif out.result is not None:
         emit(gl, out.data, table=lambda: table(out), keys=[out.result.artifact.key])
 
-
-def finish(gl, out, names) -> bool:
-    """Say what a sharded run did; emit a shard's partial. True when the caller emits the full result."""
-    from icl_cli.cli.context import log
-    from icl_cli.store.shards import env_shard, part_json
-
-    if out.line:
-        log(out.line, ctx_globals=gl)
-    torchrun = env_shard() is not None
-    if out.result is not None:
-        return not (out.shard is not None and out.shard.index != 0 and torchrun)
-    verb = "reused" if out.part.reused else "saved"
-    then = "rank 0 assembles" if torchrun else "run the command without --shard once every shard is done to assemble"
-    log(f"{verb} partial {out.part.artifact.step} artifact {out.part.artifact.key[:12]} (shard {out.shard}); {then}",
-        ctx_globals=gl)
-    if not torchrun:
-        emit_part(gl, part_json(out, names))
-    return False

@@ -7,21 +7,16 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 
-from icl_cli.cli.context import emit, g, log
-from icl_cli.core.errors import IclError
+from icl_cli.cli.common import run_env
+from icl_cli.cli.context import emit, g
 
 app = typer.Typer(help="The bundled toy ICL model: train it, measure it.", no_args_is_help=True)
-
-
-def _check_name(name: str) -> None:
-    if name != "toy-icl":
-        raise IclError(f"unknown zoo model {name!r}; the zoo has: toy-icl")
 
 
 @app.command("train")
@@ -35,29 +30,26 @@ def train_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default 1, as the bundled weights; 2 is ~35% faster but not bit-identical)."),
 ) -> None:
     """Train the toy model from the built-in tasks (deterministic on CPU for a fixed --seed)."""
-    _check_name(name)
+    from icl_cli.zoo.step import ToyTrainRequest, check_name, train_toy
+
+    check_name(name)
     gl = g(ctx)
+    req = ToyTrainRequest(out=out, steps=steps, evaluate_after=evaluate_after, resume=resume, threads=threads)
+    out_dir, meta = train_toy(run_env(gl), req, progress=_bar)
+    emit(gl, {"path": str(out_dir), **meta}, table=lambda: _table(meta), keys=[str(out_dir)])
+
+
+@contextlib.contextmanager
+def _bar(steps: int) -> Iterator:
+    """The training's progress bar on stderr (-q changes stdout only); yields its (step, steps, loss) callback."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from icl_cli.cli.context import stderr_console
-    from icl_cli.zoo.toy_icl import TOY_DIR, ToyConfig, train
 
-    cfg = ToyConfig(seed=gl.seed)
-    if steps is not None:
-        cfg.steps = steps
-    if threads is not None:
-        if threads < 1:
-            raise IclError("--threads must be ≥ 1")
-        cfg.threads = threads
-    out_dir = out or TOY_DIR
     with Progress(TextColumn("training toy-icl"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
-                  TimeRemainingColumn(), console=stderr_console()) as bar:  # -q changes stdout only
-        task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
-        meta = train(cfg, out_dir, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss), resume=resume)
-    if evaluate_after:
-        meta["eval"] = _evaluate(out_dir, gl)
-        (out_dir / "toy_icl.json").write_text(json.dumps(meta, indent=2) + "\n")
-    emit(gl, {"path": str(out_dir), **meta}, table=lambda: _table(meta), keys=[str(out_dir)])
+                  TimeRemainingColumn(), console=stderr_console()) as bar:
+        task = bar.add_task("train", total=steps, loss=float("nan"))
+        yield lambda s, n, loss: bar.update(task, completed=s, loss=loss)
 
 
 @app.command("eval")
@@ -68,28 +60,14 @@ def eval_cmd(
     write: bool = typer.Option(False, help="Store the figures in the model's toy_icl.json."),
 ) -> None:
     """Measure accuracy by shots, 0-shot accuracy on shared-input tasks and task-vector gap closing."""
-    _check_name(name)
-    gl = g(ctx)
+    from icl_cli.zoo.step import check_name, evaluate_toy
     from icl_cli.zoo.toy_icl import TOY_DIR
 
+    check_name(name)
+    gl = g(ctx)
     model_dir = path or TOY_DIR
-    result = _evaluate(model_dir, gl)
-    if write:
-        meta_path = model_dir / "toy_icl.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        meta["eval"] = result
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    result = evaluate_toy(run_env(gl), model_dir, write=write)
     emit(gl, result, table=lambda: _table({"eval": result}), keys=[str(model_dir)])
-
-
-def _evaluate(model_dir: Path, gl) -> dict:
-    from icl_cli.cli.common import load_lm
-    from icl_cli.core.tasks import builtin_tasks
-    from icl_cli.zoo.toy_eval import evaluate
-
-    lm = load_lm(gl, str(model_dir))
-    return evaluate(lm.model, lm.tokenizer, list(builtin_tasks().values()), seed=gl.seed + 1,
-                    progress=lambda t: log(f"evaluating {t}", ctx_globals=gl))
 
 
 def _table(meta: dict):
