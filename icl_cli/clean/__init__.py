@@ -3,4 +3,5 @@ vector that keeps the task, with the raw vector, the SAE reconstruction and grad
 baselines. Reads a collect artifact and an SAE; writes ``clean.h5``.
 
     cleaning.py  the optimisation;  pursuit.py  gradient pursuit;  artifact.py  parameters and HDF5 (no torch)
+    step.py  the step in one call (run_clean);  estimate.py  its memory (--estimate)
 """

@@ -4,4 +4,5 @@ Reads a model and its tasks (plus SAEs for activation mass); writes ``collect.h5
 
     vectors.py         the computation;  artifact.py   its parameters and HDF5 (no torch)
     top_activations.py max-activating contexts of features
+    step.py            the steps in one call each (run_collect, run_top_activations)
 """

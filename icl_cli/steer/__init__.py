@@ -3,4 +3,5 @@ example's output (detectors) and measure the loss change: task × feature heatma
 detector rule, negative steering. Reads clean artifacts and SAEs; writes ``steer.h5``.
 
     heatmaps.py  the computation;  artifact.py  steer.h5;  view.py  terminal heatmap;  explore.py  greedy completions
+    step.py  the steps in one call each (run_steer, run_explore)
 """
