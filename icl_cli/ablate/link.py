@@ -40,8 +40,10 @@ FORMAT_VERSION = 2
 """2: the artifact records its estimand (attr ``estimand``); 1 had only the ablation ratio."""
 REMOVALS = ("project", "feature", "steer")
 ESTIMANDS = ("frozen-attention", "ablation")
-PASS_BYTES = 256 * 2**20
-"""Activation memory one batched pass may use (sizes ``detectors_per_pass`` when not given)."""
+PASS_BYTES = {"cpu": 32 * 2**20, "other": 2 * 2**30}
+"""Activation memory one batched pass may use (sizes ``detectors_per_pass`` when not given). On a
+CPU, passes that stay near the caches are quicker than large ones (toy-icl: 2 detectors of 16
+prompts per pass took 0.8× the time of 16 per pass); an accelerator wants large passes."""
 
 
 @dataclass
@@ -121,8 +123,9 @@ def unit_rows(sae, ids: Sequence[int]) -> Tensor:
     return w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def per_pass(n_prompts: int, n_pos: int, config, n_out: int, budget: int = PASS_BYTES) -> int:
-    """Detectors per pass so that rows × positions × (a block's widest activations) fit ``budget``."""
+def per_pass(n_prompts: int, n_pos: int, config, n_out: int, device) -> int:
+    """Detectors per pass so that rows × positions × (a block's widest activations) fit ``PASS_BYTES``."""
+    budget = PASS_BYTES["cpu" if torch.device(device).type == "cpu" else "other"]
     d = int(config.hidden_size)
     d_mlp = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d)
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1))
@@ -214,7 +217,7 @@ def run_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, detecto
         acts = det_enc(resid).to(resid.device) if det_enc else None  # [B, P, n_det] for removal "feature"
         clean = hm.run(ids, am, read=[read], start_at=ld, start_resid=resid, stop_after=le - 1).acts[read]
         before[j] = (exe_enc(clean).to(resid.device) * arrows[..., None]).sum((0, 1)).cpu()
-        step = detectors_per_pass or per_pass(B, P, hm.model.config, len(executors))
+        step = detectors_per_pass or per_pass(B, P, hm.model.config, len(executors), resid.device)
         for c0 in range(0, len(detectors), step):
             n = min(step, len(detectors) - c0)
             sl = slice(c0, c0 + n)
@@ -276,3 +279,44 @@ def summary_json(key: str, r, attrs: dict) -> dict:
             "executor_layer": attrs.get("executor_layer"), "detectors": r.detectors, "executors": r.executors,
             "ratio": [[nan(x) for x in row] for row in ratio.tolist()], "own": r.own.tolist(),
             "own_mean_ratio": nan(own_mean), "other_mean_ratio": nan(other_mean), "n_own": n_own, "n_other": n_other}
+
+
+# ---------------------------------------------------------------- one call for the step
+
+def measure(estimand: str, hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, detectors: Sequence[int], exe_sae,
+            executors: Sequence[int], p: AblateParams, removal: str = "project", scale: float = 25.0,
+            own_pairs: Sequence[tuple[int, int]] = (), executor_tasks: Mapping[int, Sequence[str]] | None = None,
+            detector_tasks: Mapping[int, Sequence[str]] | None = None, device=None,
+            progress: Callable[[str], None] | None = None):
+    """(result, attrs) of ``estimand``: frozen-attention (``link_frozen``; removal and scale unused)
+    or ablation (``run_link`` with that removal and scale)."""
+    if estimand not in ESTIMANDS:
+        raise IclError(f"--estimand must be one of {', '.join(ESTIMANDS)}, not {estimand!r}")
+    if estimand == "frozen-attention":
+        from icl_cli.ablate.link_frozen import run_frozen_link
+
+        r = run_frozen_link(hm, tokenizer, tasks, det_sae, detectors, exe_sae, executors, p, own_pairs=own_pairs,
+                            executor_tasks=executor_tasks, detector_tasks=detector_tasks, device=device, progress=progress)
+        return r, {"estimand": estimand, "scale": r.scale, "detector_layer": r.layers[0], "executor_layer": r.layers[1]}
+    r = run_link(hm, tokenizer, tasks, det_sae, detectors, exe_sae, executors, p, removal, scale, own_pairs,
+                 executor_tasks, device, progress)
+    return r, {"estimand": estimand, "removal": removal, "scale": scale, "detector_layer": det_sae.cfg.layer,
+               "executor_layer": exe_sae.cfg.layer}
+
+
+def write_result(f, r, attrs: dict) -> None:
+    """``link.h5`` of either estimand (see ``write_h5`` and ``link_frozen.write_h5``)."""
+    if attrs["estimand"] == "frozen-attention":
+        from icl_cli.ablate.link_frozen import write_h5 as write_frozen
+
+        return write_frozen(f, r)
+    write_h5(f, r, attrs["removal"], attrs["scale"], (attrs["detector_layer"], attrs["executor_layer"]))
+
+
+def store_summary(r, attrs: dict) -> dict:
+    """The few numbers the store keeps beside the artifact."""
+    if attrs["estimand"] == "frozen-attention":
+        g = r.own_vs_other()
+        return {"estimand": attrs["estimand"], "own_mean_drop": g["own"]["mean"], "other_mean_drop": g["other"]["mean"]}
+    own_mean, other_mean, _, _ = r.own_vs_other()
+    return {"estimand": attrs["estimand"], "own_mean_ratio": own_mean, "other_mean_ratio": other_mean}

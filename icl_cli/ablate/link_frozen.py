@@ -255,7 +255,7 @@ def run_frozen_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, 
                     progress: Callable[[str], None] | None = None, detectors_per_pass: int | None = None) -> FrozenLinkResult:
     """Steps 1-6 above. executor_tasks / detector_tasks: feature -> the tasks selecting it (default:
     none, and every task counts for every executor). detectors_per_pass: rows of one pass are
-    prompts × this many detectors (default: as many as ``PASS_BYTES`` of activations allow)."""
+    prompts × this many detectors (default: as many as ``link.PASS_BYTES`` of activations allow)."""
     if not (scale == scale) or abs(scale) == float("inf"):
         raise IclError(f"the link's scale must be a finite number, not {scale}")
     l, le = check_link_saes(hm, det_sae, detectors, exe_sae, executors)
@@ -272,7 +272,7 @@ def run_frozen_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, 
     cell_count = torch.zeros(T, D, E, dtype=torch.long)
     cell_sum = torch.zeros(T, D, E, dtype=torch.float64)
     cell_half = torch.zeros(T, D, E, dtype=torch.long)
-    pooled: list[list[Tensor]] = [[] for _ in range(E)]  # per executor: [D, n] int16 codes of T(e)'s drops
+    codes: list[tuple[Tensor, Tensor]] = []  # per task: ([D, F] int16 drop codes, [F] executor of each column)
 
     for j, t in enumerate(tasks):
         if progress:
@@ -290,9 +290,10 @@ def run_frozen_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, 
         active = [i for i in range(D) if float(m[i]) >= SILENT]
         shift = scale * m[:, None] * unit_rows(det_sae, detectors).to(resid.device)  # [D, d_model]
         flat_clean, flat_fires = a_clean.reshape(B * P, E), fires.reshape(B * P, E)
-        counted = [k for k in range(E) if weights[j, k] and fired[j, k] > 0]
-        q = {k: torch.full((D, int(fired[j, k])), _NONE, dtype=torch.int16) for k in counted}
-        step = detectors_per_pass or per_pass(B, P, hm.model.config, E)
+        # the (token, executor) pairs whose drops are pooled: e fires there and t counts for e
+        tok, col = (flat_fires & weights[j].to(resid.device)[None]).nonzero(as_tuple=True)
+        q = torch.full((D, len(tok)), _NONE, dtype=torch.int16)
+        step = detectors_per_pass or per_pass(B, P, hm.model.config, E, resid.device)
         for c0 in range(0, len(active), step):
             chunk = active[c0:c0 + step]
             n = len(chunk)
@@ -304,25 +305,23 @@ def run_frozen_link(hm: HookedModel, tokenizer, tasks: Sequence[Task], det_sae, 
             cell_count[j, rows] = flat_fires.sum(0).cpu()[None].expand(n, -1)
             cell_sum[j, rows] = dr.double().sum(1).cpu()
             cell_half[j, rows] = ((dr > HALF) & flat_fires[None]).sum(1).cpu()
-            for k in counted:
-                level = torch.round(dr[:, flat_fires[:, k], k].float() * LEVELS).to(torch.int32)
-                q[k][rows] = (level - 32768).to(torch.int16).cpu()
-        for k in counted:
-            pooled[k].append(q[k])
+            level = torch.round(dr[:, tok, col].float() * LEVELS).to(torch.int32)  # [n, F]
+            q[rows] = (level - 32768).to(torch.int16).cpu()
+        codes.append((q, col.cpu()))
 
     pair_median = torch.full((D, E), float("nan"))
     counts = torch.zeros(2, LEVELS + 1, dtype=torch.long)  # own, other: how often each level occurs
     for k in range(E):
-        if not pooled[k]:
+        ck = torch.cat([q[:, col == k] for q, col in codes], dim=1)  # [D, N]: e's drops on every task of T(e)
+        if ck.shape[1] == 0:
             continue
-        codes = torch.cat(pooled[k], dim=1)  # [D, N]: the drops of every task of T(e), then "none"
-        n = (codes != _NONE).sum(1)
-        srt = codes.sort(dim=1).values
+        n = (ck != _NONE).sum(1)
+        srt = ck.sort(dim=1).values
         has = n > 0
         lower = srt.gather(1, ((n - 1).clamp(min=0) // 2)[:, None])[:, 0].long() + 32768  # lower median's level
         pair_median[has, k] = lower[has].float() / LEVELS
         for g, sel in ((0, own[:, k] & has), (1, ~own[:, k] & has)):
-            v = codes[sel]
+            v = ck[sel]
             counts[g] += torch.bincount(v[v != _NONE].long() + 32768, minlength=LEVELS + 1)
     group_median = torch.tensor([_median_from_counts(counts[0]), _median_from_counts(counts[1])])
     edges = torch.div(torch.arange(LEVELS + 1) * N_BINS, LEVELS + 1, rounding_mode="floor")  # level -> bin

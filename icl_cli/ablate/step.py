@@ -81,8 +81,10 @@ class LinkRequest:
     """SAE of executors given by id (layer l)."""
     which: str = "selected"
     top: Optional[int] = None
+    estimand: str = "frozen-attention"
+    """frozen-attention (the paper's Fig. 8, ablate/link_frozen.py) or ablation (ablate/link.py)."""
     removal: str = "project"
-    """project (drop the residual's component), feature (zero the detector) or steer (subtract scale × direction)."""
+    """With the ablation estimand: project (drop the residual's component), feature (zero the detector) or steer (subtract scale × direction)."""
     scale: float = 25.0
     """With removal steer: the scale of the subtracted unit direction."""
     tasks: Optional[str] = None
@@ -284,6 +286,8 @@ def run_link(env: RunEnv, req: LinkRequest) -> AblateOutcome:
     from icl_cli.store import StepSpec
 
     removal, scale, which = req.removal, req.scale, req.which
+    if req.estimand not in link.ESTIMANDS:
+        raise IclError(f"--estimand must be one of {', '.join(link.ESTIMANDS)}, not {req.estimand!r}")
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise IclError(f"--scale must be a finite number, not {scale}")
     store = env.store
@@ -300,24 +304,25 @@ def run_link(env: RunEnv, req: LinkRequest) -> AblateOutcome:
     e_ids = sorted({f for v in exe_sets.values() for f in v})
     own = sorted({(d, e) for t in names for d in det_sets[t] for e in exe_sets[t]}) if det.kind != "given" and exe.kind != "given" else []
     e_tasks = {e: [t for t in names if e in exe_sets[t]] for e in e_ids} if exe.kind != "given" else None
+    d_tasks = {d: [t for t in names if d in det_sets[t]] for d in d_ids} if det.kind != "given" else None
     inputs, outside = _inputs([det, exe])
     params = {k: v for k, v in s.params.items() if k not in ("roles", "mode", "cross_task")}
-    spec = StepSpec("ablate", {**params, "kind": "link", "detectors": d_ids, "executors": e_ids, "own": own,
-                               "executor_tasks": e_tasks, "removal": removal, "scale": scale if removal == "steer" else None,
+    ablation = req.estimand == "ablation"
+    spec = StepSpec("ablate", {**params, "kind": "link", "estimand": req.estimand, "detectors": d_ids, "executors": e_ids,
+                               "own": own, "executor_tasks": e_tasks, "detector_tasks": d_tasks,
+                               "removal": removal if ablation else None, "scale": scale if ablation and removal == "steer" else None,
                                "set": which, "sae_refs": outside}, inputs, link.FORMAT_VERSION)
     holder = {}
 
     def build(st):
         lm, saes = _load(env, s, {**det.saes, **exe.saes})
         with env.progress(len(s.task_list), "link") as advance:
-            r = link.run_link(HookedModel(lm.model), lm.tokenizer, s.task_list, saes[dk], d_ids, saes[ek], e_ids, s.p,
-                              removal, scale, own, e_tasks, lm.device, advance)
-        layers = (saes[dk].cfg.layer, saes[ek].cfg.layer)
+            r, attrs = link.measure(req.estimand, HookedModel(lm.model), lm.tokenizer, s.task_list, saes[dk], d_ids, saes[ek],
+                                    e_ids, s.p, removal, scale, own, e_tasks, d_tasks, lm.device, advance)
         with st.h5("link.h5") as f:
-            link.write_h5(f, r, removal, scale, layers)
-        holder["r"] = (r, {"removal": removal, "scale": scale, "detector_layer": layers[0], "executor_layer": layers[1]})
-        own_mean, other_mean, _, _ = r.own_vs_other()
-        return {"own_mean_ratio": own_mean, "other_mean_ratio": other_mean}
+            link.write_result(f, r, attrs)
+        holder["r"] = (r, attrs)
+        return link.store_summary(r, attrs)
 
     res = store.run(spec, build, name=req.name, force=req.force, log=env.log)
     env.saved(res)

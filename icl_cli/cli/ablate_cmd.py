@@ -158,7 +158,8 @@ def link_cmd(
     exe_sae: List[str] = typer.Option([], "--exe-sae", help="SAE of executors given by id (layer l)."),
     which: str = _WHICH,
     top: Optional[int] = _TOP,
-    removal: str = typer.Option("project", "--removal", help="project (drop the residual's component), feature (zero the detector) or steer (subtract --scale × direction)."),
+    estimand: str = typer.Option("frozen-attention", "--estimand", help="frozen-attention (the paper's Fig. 8: the detector removed at every token, block l with the clean attention pattern, the executor's drop per token; executors at layer l + 1) or ablation (the ratio below through the whole model)."),
+    removal: str = typer.Option("project", "--removal", help="With --estimand ablation: project (drop the residual's component), feature (zero the detector) or steer (subtract --scale × direction)."),
     scale: float = typer.Option(25.0, "--scale", help="With --removal steer: the scale of the subtracted unit direction."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Tasks whose prompts are used (default: the artifacts' tasks, or all)."),
     n_shot: Optional[int] = _N_SHOT,
@@ -167,12 +168,12 @@ def link_cmd(
     name: Optional[str] = _NAME,
     force: bool = _FORCE,
 ) -> None:
-    """Executor activation at arrows after / before removing a detector's direction at outputs (docs/METHODS.md §8)."""
+    """Detector → executor link: executor drop with the attention frozen, or the ablation ratio (docs/METHODS.md §8)."""
     from icl_cli.ablate.step import LinkRequest, run_link
 
     gl = g(ctx)
     out = run_link(run_env(gl), LinkRequest(detectors=detectors, executors=executors, det_sae=det_sae, exe_sae=exe_sae,
-                                            which=which, top=top, removal=removal, scale=scale, tasks=tasks, n_shot=n_shot,
+                                            which=which, top=top, estimand=estimand, removal=removal, scale=scale, tasks=tasks, n_shot=n_shot,
                                             n_prompts=n_prompts, model=model, name=name, force=force))
     emit(gl, out.data, table=lambda: _link_table(out.data), keys=[out.result.artifact.key])
 
@@ -180,6 +181,10 @@ def link_cmd(
 def _link_table(data: dict):
     from icl_cli.ablate.view import heatmap
 
+    if data.get("estimand") == "frozen-attention":
+        from icl_cli.ablate.link_view import frozen_tables
+
+        return frozen_tables(data)
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     title = f"detector → executor: executor activation at arrows, after / before ({data['removal']}); ablate {data['key'][:12]}"
     tab = heatmap(title, [str(d) for d in data["detectors"]], [str(e) for e in data["executors"]], data["ratio"],

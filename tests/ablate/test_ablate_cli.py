@@ -124,13 +124,17 @@ def test_activation_mass_of_executors(env):
 
 
 def test_detector_executor_link(env):
-    data = _json(env, "link", "--detectors", env["det"], "--executors", env["exe"], "--removal", "steer", "--scale", "5")
+    data = _json(env, "link", "--detectors", env["det"], "--executors", env["exe"], "--estimand", "ablation", "--removal", "steer", "--scale", "5")
     assert data["detectors"] == [5, 6, 7] and data["executors"] == [2, 3, 4]
     own = {(d, e) for i, d in enumerate(data["detectors"]) for j, e in enumerate(data["executors"]) if data["own"][i][j]}
     assert own == {(5, 2), (5, 3), (6, 4), (7, 4)}
     assert data["detector_layer"] == 0 and data["executor_layer"] == 1
-    table = env["ok"]("ablate", "link", "--detectors", env["det"], "--executors", env["exe"], "--removal", "steer", "--scale", "5")
+    table = env["ok"]("ablate", "link", "--detectors", env["det"], "--executors", env["exe"], "--estimand", "ablation", "--removal", "steer", "--scale", "5")
     assert "own pairs" in table
+    frozen = _json(env, "link", "--detectors", env["det"], "--executors", env["exe"])  # the default estimand
+    assert frozen["estimand"] == "frozen-attention" and frozen["own"] == data["own"]
+    assert frozen["own_pairs"]["pairs"] + frozen["other_pairs"]["pairs"] <= 9
+    assert "own-task" in env["ok"]("ablate", "link", "--detectors", env["det"], "--executors", env["exe"])
 
 
 def test_errors_are_one_line(env):
