@@ -215,6 +215,10 @@ class AblateRenderer(Renderer):
         from icl_cli.ablate.link import read_h5
 
         r, attrs = read_h5(art.file("link.h5"))
+        if attrs.get("estimand") == "frozen-attention":  # the default estimand: its own section
+            from icl_cli.report.renderers.ablate_link import frozen_section
+
+            return frozen_section(art, r, attrs, out)
         ratio = r.ratio.numpy()
         own_m, other_m, n_own, n_other = r.own_vs_other()
         summary = {"detectors": r.detectors, "executors": r.executors, "ratio": np.where(np.isfinite(ratio), ratio, None).tolist(),
