@@ -2,7 +2,8 @@
 
     icl report pipeline-clean                       # tables, heatmaps, contexts, lineage
     icl report pipeline-clean --inputs --out report # + every ancestor, figures, report/index.html
-    INDEX=$(icl -q report KEY1 KEY2 --out report)   # -q: only the path of index.html
+    icl -q report KEY1 KEY2 --out report            # -q: the paths written, index.html first
+    INDEX=$(icl -q report KEY1 --out report | head -n 1)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def register(app: typer.Typer) -> None:
 def report_cmd(
     ctx: typer.Context,
     refs: List[str] = typer.Argument(..., help="Artifacts to report (keys, prefixes of ≥ 6 characters or names)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures (PNG + SVG) and index.html into this folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the figures (PNG + SVG under DIR/figures), the CSVs of long tables and DIR/index.html; -q prints their paths, index.html first."),
     inputs: bool = typer.Option(False, "--inputs", help="Also report every artifact these were made from."),
     params: bool = typer.Option(False, "--params", help="Show each artifact's parameters in the terminal too."),
     brief: bool = typer.Option(False, "--brief", help="Print only the headline findings, the dictionaries' quality, where things are and what to run next."),
@@ -43,23 +44,37 @@ def show_report(gl: Globals, rep, brief: bool = False, params: bool = False) -> 
 
     if rep.index is not None:
         log(f"report written: {rep.index}", ctx_globals=gl, style=None)
-    view = (lambda: _brief(rep, gl.store_path)) if brief else (lambda: _terminal(rep, params))
-    emit(gl, report_json(rep), table=view, keys=[str(rep.index)] if rep.index else [])
+    elif gl.quiet:
+        log("nothing written: -q prints the paths --out writes", ctx_globals=gl)
+    view = (lambda: _brief(rep, gl.store())) if brief else (lambda: _terminal(rep, params))
+    emit(gl, report_json(rep), table=view, keys=[str(p) for p in rep.written])
+
+
+_VERDICT_STYLE = {"yes": "green", "partly": "yellow", "no": "red", "cannot detect": "cyan", "no paper figure": "dim"}
+TERMINAL_ROWS = 50
+"""At most this many rows of a table in the terminal (--json and the report's CSVs have all)."""
 
 
 def _headline_table(rep):
     from rich.table import Table
     from rich.text import Text
 
-    tab = Table(title="headline findings beside the paper's", title_justify="left")
-    for col in ("finding", "this run", "paper (Gemma-1 2B)"):
-        tab.add_column(col)
+    from icl_cli.report.headline import verdict_word
+
+    title = "headline findings beside the paper's" + (f"\nthis run: {rep.setup}" if rep.setup else "")
+    tab = Table(title=Text(title), title_justify="left", show_lines=True)
+    tab.add_column("finding", ratio=3)
+    tab.add_column("this run", ratio=4)
+    tab.add_column("matches the paper?", ratio=3)
+    tab.add_column("paper (Gemma-1 2B)", ratio=3)
     for r in rep.headline:
-        tab.add_row(Text(r["finding"]), Text(r["ours"]), Text(r["paper"]))
+        match = r.get("match", "")
+        tab.add_row(Text(r["finding"]), Text(r["ours"]), Text(match, style=_VERDICT_STYLE.get(verdict_word(match), "")),
+                    Text(r["paper"]))
     return tab
 
 
-def _brief(rep, store_path: Path) -> list:
+def _brief(rep, store) -> list:
     """The end of a pipeline run: findings, dictionary quality, where things are, next commands."""
     from rich.table import Table
     from rich.text import Text
@@ -75,18 +90,30 @@ def _brief(rep, store_path: Path) -> list:
             f = lambda k, d: "–" if q.get(k) is None else f"{q[k]:.{d}f}"  # noqa: E731
             tab.add_row(Text(s.title), f("l0", 1), f("fvu", 3), f("ce_recovered", 3), s.key[:12])
         out.append(tab)
-    names = {s.step: s.key[:12] for s in rep.sections}
-    out.append(Text(f"artifacts: {len(rep.sections)} in the store {store_path.resolve()} (`icl store ls`, "
-                    f"`icl store show KEY`)"))
+    out.append(Text(f"artifacts: {len(store.keys())} in the store {store.root.resolve()}, {len(rep.sections)} of them "
+                    "reported (`icl store ls`, `icl store show KEY`)"))
     if rep.index is not None:
         out.append(Text(f"report: {rep.index}", style="bold"))
-    nxt = ["icl report KEY            one artifact in the terminal: tables, heatmaps, contexts, lineage"]
-    if "steer" in names:
-        nxt.append(f"icl report {names['steer']}   the steering heatmap in the terminal")
-    if "circuit" in names:
-        nxt.append(f"icl report {names['circuit']}   a circuit's nodes and edges")
-    out.append(Text("next:\n" + "\n".join("  " + n for n in nxt)))
+    out.append(Text("next:\n" + "\n".join("  " + n for n in next_hints(rep))))
     return out
+
+
+def next_hints(rep) -> list[str]:
+    """Commands worth running next, each naming the artifact it shows."""
+    first = {}
+    for s in rep.sections:
+        p = rep.params.get(s.key) or {}
+        kind = s.step + ":" + str(p.get("mode") or p.get("kind") or "")
+        first.setdefault(kind, s.key[:12])
+        first.setdefault(s.step, s.key[:12])
+    nxt = ["icl report KEY                one artifact in the terminal: tables, heatmaps, contexts, lineage"]
+    if "steer:executor" in first:
+        nxt.append(f"icl report {first['steer:executor']}   the executor heatmap in the terminal")
+    if "ablate:link" in first:
+        nxt.append(f"icl report {first['ablate:link']}   the detector → executor link")
+    if "circuit" in first:
+        nxt.append(f"icl report {first['circuit']}   a circuit's nodes and edges")
+    return nxt
 
 
 def _terminal(rep, show_params: bool) -> list:
@@ -100,7 +127,7 @@ def _terminal(rep, show_params: bool) -> list:
         out.append(Rule(Text(f"{sec.title}  ({sec.step} {sec.key[:12]})"), align="left"))
         out += [Text(n) for n in sec.notes]
         out += sec.terminal
-        out += [t.to_rich() for t in sec.tables if show_params or t.title != "parameters"]
+        out += [t.to_rich(TERMINAL_ROWS) for t in sec.tables if t.terminal and (show_params or t.title != "parameters")]
         out += [contexts_table(c) for c in sec.contexts]
         out += [Text(f"figure: {f.files[0]}", style="dim") for f in sec.figures]
         if sec.key in rep.lineage:

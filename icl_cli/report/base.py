@@ -30,29 +30,54 @@ class Table:
     caption: str = ""
     align: str = ""
     """One character per column, l or r (default: first column left, the rest right)."""
+    terminal: bool = True
+    """Shown in the terminal too (False: the renderer gives the terminal a more compact view)."""
 
     def _aligns(self) -> str:
         return self.align or ("l" + "r" * (len(self.columns) - 1))
 
-    def to_rich(self):
+    def to_rich(self, max_rows: int | None = None):
+        """A rich table; with ``max_rows`` the first rows and a caption saying how many are left out."""
         from rich.table import Table as RichTable
         from rich.text import Text
 
-        tab = RichTable(title=Text(self.title), caption=Text(self.caption) if self.caption else None, caption_justify="left")
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        cap = self.caption
+        if len(rows) < len(self.rows):
+            cap = (cap + " " if cap else "") + f"(first {len(rows)} of {len(self.rows):,} rows; --json or the report's CSV has all)"
+        tab = RichTable(title=Text(self.title), caption=Text(cap) if cap else None, caption_justify="left")
         for col, a in zip(self.columns, self._aligns()):
             tab.add_column(Text(col), justify="left" if a == "l" else "right")
-        for row in self.rows:
+        for row in rows:
             tab.add_row(*(Text(c) for c in row))
         return tab
 
-    def to_html(self) -> str:
+    def to_html(self, max_rows: int | None = None, csv_href: str | None = None) -> str:
+        """The table as HTML; with ``max_rows`` only the first rows, and a link to ``csv_href`` (the
+        file :meth:`write_csv` wrote) for all of them."""
         esc = html.escape
         aligns = self._aligns()
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
         head = "".join(f"<th class='{a}'>{esc(c)}</th>" for c, a in zip(self.columns, aligns))
         body = "".join("<tr>" + "".join(f"<td class='{a}'>{esc(v)}</td>" for v, a in zip(r, aligns)) + "</tr>"
-                       for r in self.rows)
+                       for r in rows)
         cap = f"<p class='caption'>{esc(self.caption)}</p>" if self.caption else ""
-        return f"<h4>{esc(self.title)}</h4><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}"
+        if len(rows) < len(self.rows):
+            link = f": <a href='{esc(csv_href)}'>all {len(self.rows):,} rows as CSV</a>" if csv_href else ""
+            cap += f"<p class='caption'>First {len(rows)} of {len(self.rows):,} rows{link}.</p>"
+        return (f"<h4>{esc(self.title)}</h4><div class='wide'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>"
+                f"</table></div>{cap}")
+
+    def write_csv(self, path: Path) -> Path:
+        """Every row of the table as CSV (a header row of the column names first)."""
+        import csv
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(self.columns)
+            w.writerows(self.rows)
+        return path
 
 
 @dataclass
@@ -71,6 +96,10 @@ class Contexts:
 
     title: str
     rows: list[tuple[float, list[str], int]]
+    feature: int | None = None
+    """The feature whose contexts these are (None: not known)."""
+    sae: str | None = None
+    """Key of the SAE the feature belongs to: (sae, feature) names the contexts, so a report shows them once."""
 
 
 @dataclass
@@ -87,6 +116,8 @@ class Section:
     terminal: list[Any] = field(default_factory=list)
     """Extra rich renderables shown only in the terminal (heatmaps), before the tables."""
     notes: list[str] = field(default_factory=list)
+    label: str = ""
+    """A short name for the report's navigation (kind, layer, tasks); default: the step."""
 
 
 class Renderer:

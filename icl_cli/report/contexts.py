@@ -41,5 +41,6 @@ def feature_contexts(store, sae_key: str, features: Sequence[int], n_rows: int =
         for f, rows in contexts(tok, feats, r, window=window).items():
             if f in take:
                 found[f] = Contexts(f"feature {f}: top contexts ({art.params.get('dataset')}, top-activations {art.key[:8]})",
-                                    [(row["value"], [_clean(t) for t in row["tokens"]], row["fire"]) for row in rows[:n_rows]])
+                                    [(row["value"], [_clean(t) for t in row["tokens"]], row["fire"]) for row in rows[:n_rows]],
+                                    feature=f, sae=sae_key)
     return found

@@ -31,8 +31,13 @@ class Report:
     params: dict[str, dict]
     """key -> the artifact's parameters."""
     headline: list[dict] = field(default_factory=list)
-    """Rows {finding, ours, paper, key} gathered from the sections' summaries."""
+    """Rows {finding, ours, paper, match, key, step} gathered from the sections' summaries; ``match``
+    is the "matches the paper?" cell (headline.verdict)."""
+    setup: str = ""
+    """The model(s) and set-up of this run, for the headline's "this run" column."""
     index: Path | None = None
+    written: list[Path] = field(default_factory=list)
+    """Every file written under the report folder by this call: index.html first, then figures and CSVs."""
 
 
 def _ancestors(store, arts: list) -> list:
@@ -95,15 +100,20 @@ def build_report(store, refs: Sequence[str], out: Path | None = None, with_input
         if progress:
             progress(f"{art.step} {art.key[:8]}")
         sections.append(_section(art, out, record))
+    from icl_cli.report.headline import model_setup, verdict
+
     rep = Report(sections, {a.key: store.lineage(a) for a in arts}, {a.key: a.params for a in arts})
     for sec in sections:
         for row in sec.summary.get("headline", []):
-            rep.headline.append({**row, "key": sec.key, "step": sec.step})
+            rep.headline.append({**row, "match": verdict(row), "key": sec.key, "step": sec.step})
+    models = list(dict.fromkeys(str(a.params["model"]) for a in arts if a.params.get("model")))
+    rep.setup = model_setup(models) if rep.headline and models else ", ".join(models)
     if out is not None:
         from icl_cli.report.html import write_index
 
         (out / _RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
         rep.index = write_index(out, rep, [a for a in arts])
+        rep.written = [rep.index, *rep.written, *(p for s in sections for f in s.figures for p in f.files)]
     return rep
 
 
@@ -114,15 +124,18 @@ def _section(art, out: Path | None, record: dict) -> Section:
     elif out is None:
         sec = r.section(art, None)
     else:
+        from icl_cli.report.figures import STYLE_VERSION
+
+        version = [r.version, STYLE_VERSION]
         cached = record.get(art.key)
-        ok = (cached and cached.get("version") == r.version
+        ok = (cached and cached.get("version") == version
               and all((out / f).exists() for fig in cached["figures"] for f in fig["files"]))
         if ok:
             sec = r.section(art, None)
             sec.figures = [Figure(f["title"], f["caption"], [out / x for x in f["files"]]) for f in cached["figures"]]
         else:
             sec = r.section(art, out / "figures")
-            record[art.key] = {"version": r.version, "figures": [
+            record[art.key] = {"version": version, "figures": [
                 {"title": f.title, "caption": f.caption, "files": [p.relative_to(out).as_posix() for p in f.files]}
                 for f in sec.figures]}
     sec.tables.append(params_table(art))
@@ -133,7 +146,9 @@ def report_json(rep: Report) -> dict[str, Any]:
     """The JSON document of ``icl --json report``."""
     return {
         "index": str(rep.index) if rep.index else None,
+        "setup": rep.setup,
         "headline": rep.headline,
+        "written": [str(p) for p in rep.written],
         "artifacts": [{"key": s.key, "step": s.step, "title": s.title, "summary": s.summary, "notes": s.notes,
                        "figures": [{"title": f.title, "files": [str(p) for p in f.files]} for f in s.figures],
                        "lineage": rep.lineage.get(s.key), "params": rep.params.get(s.key)} for s in rep.sections],

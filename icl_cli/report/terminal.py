@@ -40,6 +40,54 @@ def heatmap(title: str, data: np.ndarray, rows: Sequence[str], cols: Sequence[st
     return tab
 
 
+def compact_heatmap(title: str, data: np.ndarray, rows: Sequence[str], cols: Sequence[int | str], *,
+                    lo: float | None = None, hi: float | None = None, marks: Sequence[int | None] = (),
+                    extra: dict[str, Sequence[str]] | None = None, caption: str = ""):
+    """A heatmap two characters per column, for more columns than a table of numbers can show:
+    each cell a shaded block (bright = high), ``marks[i]`` the column starred in row i, column
+    headers every 5th column. ``extra``: columns of text appended after the blocks."""
+    from rich.table import Table
+    from rich.text import Text
+
+    data = np.asarray(data, dtype=float)
+    finite = data[np.isfinite(data)]
+    lo = float(finite.min()) if lo is None and finite.size else (lo if lo is not None else 0.0)
+    hi = float(finite.max()) if hi is None and finite.size else (hi if hi is not None else 1.0)
+    head = Text()
+    for k, c in enumerate(cols):
+        head.append(f"{str(c):<2}"[:2] if k % 5 == 0 else "  ")
+    tab = Table(title=title, caption=(caption + " " if caption else "") + f"(shade: {lo:.2f} dark … {hi:.2f} bright; ** best)",
+                caption_justify="left", pad_edge=False)
+    tab.add_column("")
+    tab.add_column(head, no_wrap=True)
+    for name in (extra or {}):
+        tab.add_column(name, justify="right")
+    for i, (name, row) in enumerate(zip(rows, data)):
+        cells = Text()
+        for j, v in enumerate(row):
+            if not np.isfinite(v):
+                cells.append("  ")
+                continue
+            k = 0 if hi <= lo else int(round((min(max(v, lo), hi) - lo) / (hi - lo) * (len(_RAMP) - 1)))
+            star = i < len(marks) and marks[i] == j
+            cells.append("**" if star else "  ", style=f"{'black' if k >= 5 else 'white'} on {_RAMP[k]}")
+        tab.add_row(str(name), cells, *(str(col[i]) for col in (extra or {}).values()))
+    return tab
+
+
+class Fit:
+    """Shows ``wide`` when it fits the console's width, else ``narrow`` (decided when printed)."""
+
+    def __init__(self, wide, narrow):
+        self.wide, self.narrow = wide, narrow
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        need = Measurement.get(console, options, self.wide).maximum
+        yield self.wide if need <= options.max_width else self.narrow
+
+
 def lineage_tree(node: dict[str, Any], label=None):
     """A rich Tree of ``Store.lineage`` output: step, short key and names of every ancestor."""
     from rich.tree import Tree

@@ -143,7 +143,9 @@ def test_rerun_keeps_unchanged_figures(store, tmp_path):
     pngs = sorted((out / "figures").glob("*.png"))
     stamp = {p: p.stat().st_mtime_ns for p in pngs}
     r = run()
-    assert r.exit_code == 0 and r.stdout.strip() == str((out / "index.html").resolve())
+    written = r.stdout.split()  # -q: every path written, index.html first
+    assert r.exit_code == 0 and written[0] == str((out / "index.html").resolve())
+    assert set(written[1:]) == {str(p.resolve()) for p in (out / "figures").iterdir()}
     assert {p: p.stat().st_mtime_ns for p in pngs} == stamp
     (out / "figures" / pngs[0].name).unlink()  # a lost figure is drawn again
     assert run().exit_code == 0 and (out / "figures" / pngs[0].name).exists()

@@ -21,17 +21,19 @@ MAX_LINK = 40
 PAPER_MASS = {"executor": ("arrow", 89.8, 12), "detector": ("output", 96.8, 11)}
 
 
-def _feature_tasks(art) -> dict[int, str]:
-    """feature id -> the first task that selects it, from the steer artifacts this one was made from."""
+def _feature_tasks(art, which: str = "features0") -> dict[int, str]:
+    """feature id -> the first task whose set holds it, from the steer artifact of input ``which``
+    (the detectors' and the executors' ids belong to different SAEs, so each is read apart): the
+    rule's selection, or the kept features when the artifact measured those (``set`` kept)."""
     from icl_cli.ablate.feature_sets import read_steer
 
     out: dict[int, str] = {}
-    for key in art.inputs.values():
-        src = art.store.get(key)
-        if src is not None and src.step == "steer":
-            for t, ids in read_steer(src.file("steer.h5")).selected.items():
-                for f in ids:
-                    out.setdefault(int(f), t)
+    src = art.store.get(art.inputs.get(which, "")) if art.inputs.get(which) else None
+    if src is not None and src.step == "steer":
+        r = read_steer(src.file("steer.h5"))
+        for t, ids in (r.kept if art.params.get("set") == "kept" else r.selected).items():
+            for f in ids:
+                out.setdefault(int(f), t)
     return out
 
 
@@ -46,8 +48,49 @@ def _what(art) -> tuple[str, str | None]:
     return ("kept features" if src is not None and src.step == "clean" else "given features"), None
 
 
+def mass_match(per: dict[str, float], role: str, paper: float, what: str) -> str:
+    """Whether the best features' mass sits on the paper's role: within 15 points of its figure
+    (yes), on that role more than on any other (partly), or not."""
+    from icl_cli.report.headline import judge
+
+    top = max(per, key=lambda k: per[k] if per[k] == per[k] else -1)
+    level = "yes" if per[role] >= paper - 15 else "partly" if top == role else "no"
+    reason = f"{per[role]:.0f}% on {role} tokens vs the paper's {paper}%" + ("" if top == role else f"; most on {top} ({per[top]:.0f}%)")
+    if what.startswith("kept"):
+        reason += f"; measured on {what}, not the rule's selection"
+    return judge(level, reason)
+
+
+def cross_match(cs: dict) -> str:
+    """Own-task rise against other tasks' rise (cells that can detect only)."""
+    from icl_cli.report.headline import judge
+
+    own, other = cs["own_mean"], cs["other_mean"]
+    if own is None:
+        return judge("cannot detect", "no own-task cell can move: " + ("; ".join(
+            x for x in (f"{len(cs['cannot_detect'])} tasks at the loss floor" if cs["cannot_detect"] else "",
+                        f"{len(cs['empty_sets'])} empty sets" if cs["empty_sets"] else "") if x) or "nothing measured"))
+    if other is None:
+        return judge("partly", f"own tasks +{own:.3f} nats; no other-task cell to compare")
+    level = "yes" if own > 0 and own >= 2 * max(other, 0) else "partly" if own > other else "no"
+    return judge(level, f"own {own:+.3f} vs other {other:+.3f} nats ({cs['n_own']} own cells)")
+
+
+def link_match(own_m: float, other_m: float, n_own: int) -> str:
+    """Own-task pairs' drop (1 − after/before) against the others'."""
+    from icl_cli.report.headline import judge
+
+    if not n_own or own_m != own_m:
+        return judge("cannot detect", "no own-task (detector, executor) pair fired on the clean prompts")
+    d_own, d_other = 1 - own_m, 1 - other_m if other_m == other_m else 0.0
+    level = "yes" if d_own >= 0.1 and d_own >= 2 * max(d_other, 0) else "partly" if d_own > d_other + 0.02 else "no"
+    return judge(level, f"own pairs keep {own_m:.3f} of their activation, others {other_m:.3f}")
+
+
 @register("ablate")
 class AblateRenderer(Renderer):
+    version = 2
+
     def build(self, art, out: Path | None) -> Section:
         kind = art.params.get("kind")
         if kind == "mass":
@@ -80,7 +123,8 @@ class AblateRenderer(Renderer):
                                         "ours": f"{per[role]:.1f}% (one best feature of each of {len(r.tasks)} tasks; "
                                                 f"pooled {pooled[role]:.1f}%)"
                                                 + (f"; {len(r.empty)} tasks with no {what}" if r.empty else ""),
-                                        "paper": f"{paper}% (layer {layer}, one best feature per task)"}]
+                                        "paper": f"{paper}% (layer {layer}, one best feature per task)",
+                                        "match": mass_match(per, role, paper, what)}]
         rows = [["mean of best features", *(f"{per[k]:.1f}" for k in ROW_NAMES), "–"],
                 ["pooled, all features", *(f"{pooled[k]:.1f}" for k in ROW_NAMES), str(sum(len(v) for v in r.features.values()))]]
         rows += [[f"{t} (feature {r.features[t][0]})", *(f"{r.best_share(t)[k]:.1f}" for k in ROW_NAMES), str(len(r.features[t]))]
@@ -165,7 +209,7 @@ class AblateRenderer(Renderer):
             summary["headline"] = [{"finding": f"Cross-task ablation of {what} (few-shot prompts)",
                                     "ours": ours + (f" ({'; '.join(apart)})" if apart else ""),
                                     "paper": "ablating a task's executors hurts that task most (qualitative, cross-task matrix)",
-                                    "detectable": cs["own_mean"] is not None}]
+                                    "detectable": cs["own_mean"] is not None, "match": cross_match(cs)}]
         rows = []
         for i, s in enumerate(r.sets):
             for j, t in enumerate(r.tasks):
@@ -188,23 +232,28 @@ class AblateRenderer(Renderer):
 
     @staticmethod
     def _cross_figure(art, r, delta, own, what: str, out: Path, ok_t=None, live=None) -> Figure:
-        from icl_cli.report.figures import heatmap, heatmap_size, outline, plt, save, task_label
+        from icl_cli.report.figures import (group_order, group_separators, heatmap, heatmap_size, outline, outline_legend,
+                                            plt, save, task_label)
 
         p = plt()
-        rows = [task_label(s) + ("" if live is None or live[i] else " (empty)") for i, s in enumerate(r.sets)]
-        cols = [task_label(t) + ("" if ok_t is None or ok_t[j] else " (floor)") for j, t in enumerate(r.tasks)]
+        ro, co = group_order(r.sets), group_order(r.tasks)  # the paper's task groups, lines between them
+        rows = [task_label(r.sets[i]) + ("" if live is None or live[i] else " (empty)") for i in ro]
+        cols = [task_label(r.tasks[j]) + ("" if ok_t is None or ok_t[j] else " (floor)") for j in co]
+        delta, own = delta[np.ix_(ro, co)], own[np.ix_(ro, co)]
         fig, ax = p.subplots(figsize=heatmap_size(len(rows), len(cols), max(map(len, rows)), max(map(len, cols))))
-        finite = delta[np.isfinite(delta)]
-        small = finite.size and np.abs(finite).max() < 0.05
         heatmap(ax, delta, rows, cols, cmap="RdBu_r", center=0.0, cbar="loss rise, ablated − clean (nats)",
-                fmt="{:+.1e}" if small else "{:+.2f}", annotate=len(cols) <= 12)
+                annotate=len(cols) <= 12)
+        group_separators(ax, [r.sets[i] for i in ro], "y", color="tab:gray", lw=1.2)
+        group_separators(ax, [r.tasks[j] for j in co], "x", color="tab:gray", lw=1.2)
         for i in range(len(rows)):
             for j in range(len(cols)):
                 if own[i, j]:
                     outline(ax, i, j, "black")
+        outline_legend(ax, "black", f"the task's own {what}", int(own.sum()), "no row task is measured")
         ax.set_xlabel("task measured ((floor): clean loss under 0.05 nats, cannot detect)")
         ax.set_ylabel(f"task whose {what}\nare ablated")
-        ax.set_title(f"Cross-task ablation ({what} at {', '.join(art.params.get('roles', ['arrow']))} tokens), all-pairs loss")
+        ax.set_title(f"Cross-task ablation ({what} at {', '.join(art.params.get('roles', ['arrow']))} tokens), all-pairs loss",
+                     pad=22)
         files = save(fig, out, f"ablate-{art.key[:8]}-cross-task")
         return Figure("Cross-task ablation matrix", f"Rise of the all-pairs loss (every pair but the first) of the column's "
                       f"task when the {what} of the row's task are ablated (SPEC §7); outlined: the task's own features; "
@@ -232,47 +281,63 @@ class AblateRenderer(Renderer):
         summary["headline"] = [{"finding": "Detector → executor effect (executor activation after / before removing a detector)",
                                 "ours": f"own-task pairs {own_m:.2f}, other pairs {other_m:.2f}",
                                 "paper": "removing a task's detectors lowers its executors' activation much more than other "
-                                         "tasks' (qualitative, link matrix)"}]
-        names = _feature_tasks(art)
-        rows = [[f"{d}" + (f" ({names[d]})" if d in names else ""), f"{e}" + (f" ({names[e]})" if e in names else ""),
-                 fmt(float(ratio[i, j]), 3), "yes" if bool(r.own[i, j]) else ""]
-                for i, d in enumerate(r.detectors) for j, e in enumerate(r.executors) if bool(r.own[i, j])]
-        sec.tables.append(Table("own-task pairs: executor activation at the arrows after / before the detector's removal",
-                                ["detector", "executor", "after / before", "own"], rows, align="llrl"))
+                                         "tasks' (qualitative, link matrix)",
+                                "match": link_match(own_m, other_m, n_own)}]
+        dnames, enames = _feature_tasks(art, "features0"), _feature_tasks(art, "features1")
+        pairs = [(i, j) for i in range(len(r.detectors)) for j in range(len(r.executors)) if bool(r.own[i, j])]
+        pairs.sort(key=lambda ij: float(np.nan_to_num(ratio[ij], nan=np.inf)))  # the most affected pairs first
+        rows = [[f"{r.detectors[i]}" + (f" ({dnames[r.detectors[i]]})" if r.detectors[i] in dnames else ""),
+                 f"{r.executors[j]}" + (f" ({enames[r.executors[j]]})" if r.executors[j] in enames else ""),
+                 fmt(float(ratio[i, j]), 3), "yes"] for i, j in pairs]
+        sec.tables.append(Table("own-task pairs: executor activation at the arrows after / before the detector's removal "
+                                "(most affected first)", ["detector", "executor", "after / before", "own"], rows, align="llrl"))
         if out is not None and len(r.detectors) and len(r.executors):
-            sec.figures.append(self._link_figure(art, r, ratio, names, out))
+            sec.figures.append(self._link_figure(art, r, ratio, (dnames, enames), out))
         return sec
 
     @staticmethod
-    def _link_figure(art, r, ratio, names: dict, out: Path) -> Figure:
-        from icl_cli.report.figures import heatmap, outline, plt, save, task_label
+    def _link_figure(art, r, ratio, names: tuple[dict, dict], out: Path) -> Figure:
+        from icl_cli.core.tasks import BUILTIN_NAMES
+        from icl_cli.report.figures import (MAX_WIDTH_IN, heatmap, outline, outline_legend, plt, save, task_label,
+                                            tick_size)
 
         p = plt()
-        lab = lambda f: f"{f} ({task_label(names[f])})" if f in names else str(f)  # noqa: E731
+        dnames, enames = names
+        rank = {t: k for k, t in enumerate(BUILTIN_NAMES)}
         ratio = np.where(np.isfinite(ratio), ratio, np.nan)
         low = np.nan_to_num(ratio, nan=np.inf)
         ri = np.argsort(low.min(1), kind="stable")[:MAX_LINK]  # the detectors and executors most affected
         ci = np.argsort(low.min(0), kind="stable")[:MAX_LINK]
-        ri, ci = np.sort(ri), np.sort(ci)
+        # ordered by their task (the paper's task groups), so each task's features sit together
+        by_task = lambda ids, nm: lambda k: (rank.get(nm.get(ids[k]), len(rank)), str(nm.get(ids[k])), ids[k])  # noqa: E731
+        ri = np.array(sorted(ri, key=by_task(r.detectors, dnames)), dtype=int)
+        ci = np.array(sorted(ci, key=by_task(r.executors, enames)), dtype=int)
         shown = "" if len(ri) == len(r.detectors) and len(ci) == len(r.executors) else \
             f" ({len(ri)} of {len(r.detectors)} detectors × {len(ci)} of {len(r.executors)} executors: the most affected)"
         own = r.own.numpy()[np.ix_(ri, ci)]
-        ratio = ratio[np.ix_(ri, ci)]
+        change = ratio[np.ix_(ri, ci)] - 1.0  # 0: no effect; −1: the executor went silent
         dets, exes = [r.detectors[i] for i in ri], [r.executors[j] for j in ci]
-        rows, cols = [lab(d) for d in dets], [lab(e) for e in exes]
-        many = len(cols) > 30
-        w = 2.4 + 0.075 * max(map(len, rows)) + 0.24 * len(cols) + 1.0
-        fig, ax = p.subplots(figsize=(max(w, 6), 1.8 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
-        heatmap(ax, ratio, rows, cols if not many else [str(e) for e in exes], cmap="viridis", vmin=0,
-                vmax=max(1.0, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else 1.0),
-                cbar="executor activation after / before", annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
+        lab = lambda f, nm: f"{f} ({task_label(nm[f])})" if f in nm else f"{f} (no task)"  # noqa: E731
+        rows, cols = [lab(d, dnames) for d in dets], [lab(e, enames) for e in exes]
+        room = 2.4 + 0.075 * max(map(len, rows)) + 1.4
+        w = room + min(0.24 * len(cols), MAX_WIDTH_IN - room)
+        fig, ax = p.subplots(figsize=(max(w, 6), 2.3 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
+        heatmap(ax, change, rows, cols, cmap="RdBu", center=0.0, cbar="executor activation change (after / before − 1)",
+                annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
+        ax.tick_params(axis="x", labelsize=tick_size(len(cols), w - room))
+        ax.tick_params(axis="y", labelsize=tick_size(len(rows), 0.26 * len(rows)))
+        n_out = 0
         if own.mean() < 0.5:  # outlining most cells would show nothing
             for i, j in zip(*np.nonzero(own)):
-                outline(ax, i, j, "tab:red")
+                outline(ax, i, j, "black")
+                n_out += 1
+        outline_legend(ax, "black", "pairs of the same task", n_out,
+                       "most shown pairs share a task" if own.any() else "no shown pair shares a task")
         ax.set_xlabel("executor feature (its task)")
         ax.set_ylabel("detector feature removed (its task)")
-        ax.set_title("Detector → executor link: activation kept at the arrows" + shown, fontsize=10)
+        ax.set_title("Detector → executor link: change of the executor's activation at the arrows" + shown, fontsize=10, pad=22)
         files = save(fig, out, f"ablate-{art.key[:8]}-link")
         return Figure("Detector → executor link matrix", "Each executor's summed activation at the arrows of its tasks' "
-                      "prompts after a detector's direction is removed at the output tokens, divided by the clean one "
-                      "(SPEC §8; 1 = no effect). Outlined: pairs of the same task.", files)
+                      "prompts after a detector's direction is removed at the output tokens, divided by the clean one, "
+                      "minus 1 (SPEC §8): 0 (white) no effect, red a drop, blue a rise; features ordered by their task. "
+                      "Outlined: pairs of the same task.", files)

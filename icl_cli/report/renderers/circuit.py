@@ -35,6 +35,8 @@ def node_label(site: str, layer: int, role: str, feature: int) -> str:
 
 @register("circuit")
 class CircuitRenderer(Renderer):
+    version = 3
+
     def build(self, art, out: Path | None) -> Section:
         from icl_cli.circuit.graph import read_h5
 
@@ -56,13 +58,13 @@ class CircuitRenderer(Renderer):
             best = float(np.max(g.sweep_faithfulness)) if len(g.sweep_faithfulness) else float("nan")
             size = f"not reached within {swept} (F reached {best:.2f})"
         sec.notes.append(f"{int(sel.sum())} of {n_feat} feature nodes selected (in-sample faithfulness "
-                         f"{fmt(a.get('faithfulness'), 2)} at |IE| ≥ {fmt(a.get('threshold'), 4)}); {g.n_edges} edges; "
+                         f"{fmt(a.get('faithfulness'), 2)} at |IE| ≥ {float(a.get('threshold') or 0):.3g}); {g.n_edges} edges; "
                          f"in-sample, 0.8 faithfulness is reached {size}. Metric {a.get('metric')}: m(full) "
                          f"{fmt(a.get('m_full'), 3)}, m(all ablated) {fmt(a.get('m_empty'), 3)}. Circuit sizes on "
                          "held-out prompts: the faithfulness section (icl ablate --circuit).")
         order = np.argsort(-np.abs(g.ie))
         rows = [[g.site[i], str(int(g.layer[i])), g.role[i], "error" if g.feature[i] < 0 else str(int(g.feature[i])),
-                 f"{float(g.ie[i]):+.4f}", f"{float(g.act[i]):.3f}", "yes" if g.selected[i] else ""] for i in order[:15]]
+                 f"{float(g.ie[i]):+.3g}", f"{float(g.act[i]):.3g}", "yes" if g.selected[i] else ""] for i in order[:15]]
         sec.tables.append(Table("nodes with the largest indirect effect", ["site", "layer", "role", "feature", "IE", "act",
                                                                           "in circuit"], rows, align="lrlrrrl"))
         if out is not None:
@@ -157,14 +159,22 @@ class CircuitRenderer(Renderer):
         members: dict = {}
         for i, c in cell.items():
             members.setdefault(c, []).append(i)
+        # a grid inside each (site/layer, role) cell, strongest first, labels beside the nodes: at most
+        # two sub-columns (room for a label each), as many rows as that needs (6 at least)
+        per_of = {c: max(6, -(-len(ids) // 2)) for c, ids in members.items()}
         pos = {}
-        for (x, y), ids in members.items():  # spread the nodes of one (column, role) cell inside its band
-            n = len(ids)
+        for (x, y), ids in members.items():
+            per = per_of[(x, y)]
+            ids = sorted(ids, key=lambda i: -abs(float(g.ie[i])))
+            n_sub = -(-len(ids) // per)
+            rows_used = min(len(ids), per)
             for k, i in enumerate(ids):
-                dy = -0.35 + 0.7 * k / (n - 1) if n > 1 else 0.0
-                dx = (0.12 if k % 2 else -0.12) if n > 1 else 0.0
+                c, r = divmod(k, per)
+                dx = -0.4 + 0.85 * c / n_sub if n_sub > 1 else -0.1
+                dy = -0.36 + 0.72 * r / (rows_used - 1) if rows_used > 1 else 0.0
                 pos[i] = (x + dx, y + dy)
-        fig, ax = p.subplots(figsize=(max(7, 1.3 * len(cols) + 2.5), max(4, 1.3 * len(roles) + 1.5)))
+        deepest = max((min(len(v), per_of[c]) for c, v in members.items()), default=1)
+        fig, ax = p.subplots(figsize=(min(11.8, max(7, 1.5 * len(cols) + 2.5)), max(4, (0.9 + 0.22 * deepest) * len(roles) + 1.5)))
         wmax = float(np.abs(g.edge_weight).max()) if g.n_edges else 1.0
         for s, d, w in zip(g.edge_src, g.edge_dst, g.edge_weight):
             if int(s) in pos and int(d) in pos:
@@ -174,11 +184,12 @@ class CircuitRenderer(Renderer):
         imax = float(np.abs(g.ie[idx]).max()) if len(idx) else 1.0
         for i in idx:
             x, y = pos[int(i)]
-            size = 40 + 400 * abs(float(g.ie[i])) / (imax or 1.0)
+            size = 25 + 250 * abs(float(g.ie[i])) / (imax or 1.0)
             ax.scatter([x], [y], s=size, marker="D" if g.feature[i] < 0 else "o", color="tab:blue" if g.ie[i] >= 0 else "tab:red",
                        edgecolor="black", lw=0.5, zorder=3)
-            ax.annotate("err" if g.feature[i] < 0 else str(int(g.feature[i])), (x, y), textcoords="offset points", xytext=(0, 8),
-                        ha="center", fontsize=7, zorder=4)
+            ax.annotate("err" if g.feature[i] < 0 else str(int(g.feature[i])), (x, y), textcoords="offset points", xytext=(7, 0),
+                        ha="left", va="center", fontsize=7, zorder=4,
+                        bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.7))
         ax.set_xticks(range(len(cols)), labels=[f"{['resid', 'attn', 'transc.', '?'][s]} {l}" for l, s in cols], rotation=45,
                       ha="right", rotation_mode="anchor")
         ax.set_yticks(range(len(roles)), labels=roles)

@@ -55,7 +55,10 @@ class CollectRenderer(Renderer):
                          f"vector; the layer where most tasks' task vectors work best is {common}: mean nll 0-shot "
                          f"{summary['mean']['zero_shot_nll']:.3f} → with the TV {summary['mean']['tv_nll'][j]:.3f} "
                          f"(few-shot {summary['mean']['few_shot_nll']:.3f}).")
-        sec.tables.append(self._sweep_table(layers, tasks))
+        sweep = self._sweep_table(layers, tasks)
+        sweep.terminal = False  # the terminal gets it through Fit: the table, or a compact heatmap when too wide
+        sec.tables.append(sweep)
+        sec.terminal.append(self._sweep_terminal(sweep, layers, tasks))
         sec.tables += self._mass_tables(tasks)
         if out is not None:
             sec.figures.append(self._sweep_figure(art, layers, tasks, out))
@@ -71,6 +74,24 @@ class CollectRenderer(Renderer):
         return Table("nll of 0-shot prompts with the task vector added at resid_pre[layer] (* = best layer)",
                      ["task", "0-shot", *[f"layer {l}" for l in layers], "few-shot"], rows,
                      caption="nll: summed over the first answer tokens, nats; held-out queries")
+
+    @staticmethod
+    def _sweep_terminal(table: Table, layers, tasks):
+        """The sweep table when it fits the terminal, else one shaded block per layer (share of the
+        0-shot → few-shot gap closed) with the best layer starred and its nll beside."""
+        from icl_cli.report.terminal import Fit, compact_heatmap
+
+        names = list(tasks)
+        gap = np.stack([gap_closed(tasks[t]) for t in names])
+        best = [layers.index(tasks[t]["best_layer"]) if tasks[t]["best_layer"] in layers else None for t in names]
+        extra = {"0-shot": [fmt(tasks[t]["zero_shot_nll"], 2) for t in names],
+                 "best layer": [str(tasks[t]["best_layer"]) for t in names],
+                 "with TV": [fmt(tasks[t]["tv_nll"][b], 2) if b is not None else "–" for t, b in zip(names, best)],
+                 "few-shot": [fmt(tasks[t]["few_shot_nll"], 2) for t in names]}
+        narrow = compact_heatmap("share of the 0-shot → few-shot nll gap closed by the task vector at resid_pre[layer]",
+                                 np.clip(gap, 0, 1), names, layers, lo=0.0, hi=1.0, marks=best, extra=extra,
+                                 caption="columns: layers; nll in nats on held-out queries;")
+        return Fit(table.to_rich(), narrow)
 
     @staticmethod
     def _mass_tables(tasks) -> list[Table]:
@@ -105,7 +126,7 @@ class CollectRenderer(Renderer):
             ax.axhline(m(f"few_shot_{metric}"), color="tab:green", ls=":", lw=1.5, label=f"{art.params.get('n_shot')}-shot")
             ax.set_xlabel("layer l (task vector added at resid_pre[l])")
             ax.set_ylabel(unit)
-            ax.set_xticks(x)
+            ax.set_xticks(x[::max(1, -(-len(x) // 16))])  # at most 16 labelled layers
         axes[1].set_ylim(-0.02, 1.02)
         axes[0].set_title(f"Task vector layer sweep: mean over {len(tasks)} tasks (thin: each task)")
         axes[1].set_title("accuracy on held-out queries")
@@ -120,16 +141,22 @@ class CollectRenderer(Renderer):
     def _gap_figure(art, layers, tasks, out: Path) -> Figure:
         from icl_cli.report.figures import heatmap, heatmap_size, plt, save, task_label
 
+        from icl_cli.report.figures import group_order, group_separators, tick_size
+
         p = plt()
-        names = list(tasks)
+        names = [list(tasks)[i] for i in group_order(list(tasks))]
         data = np.stack([gap_closed(tasks[t]) for t in names])
         labels = [task_label(t) for t in names]
-        fig, ax = p.subplots(figsize=heatmap_size(len(names), len(layers), max(len(s) for s in labels)))
-        heatmap(ax, data, labels, [str(l) for l in layers], cmap="viridis", vmin=0, vmax=1,
-                cbar="share of the 0-shot → few-shot gap closed", fmt="{:.2f}")
+        w, h = heatmap_size(len(names), len(layers), max(len(s) for s in labels))
+        fig, ax = p.subplots(figsize=(w, h))
+        heatmap(ax, data, labels, [str(l) for l in layers], cmap="RdBu", center=0.0,
+                cbar="share of the 0-shot → few-shot gap closed", annotate=len(layers) <= 16 and len(names) <= 30)
+        ax.tick_params(axis="x", labelsize=tick_size(len(layers), 0.6 * w))
+        group_separators(ax, names)
         ax.set_xlabel("layer l (resid_pre[l])")
-        ax.set_title("Task vector effect per task and layer")
+        ax.set_title("Task vector effect per task and layer (lines: task groups)")
         files = save(fig, out, f"collect-{art.key[:8]}-gap-closed")
         return Figure("Task vector effect per task and layer",
-                      "(nll 0-shot − nll with the TV) / (nll 0-shot − nll few-shot), colours clipped to 0–1: 1 means the task vector "
-                      "recovers the few-shot loss, 0 means no effect.", files)
+                      "(nll 0-shot − nll with the TV) / (nll 0-shot − nll few-shot): 1 (blue) means the task vector "
+                      "recovers the few-shot loss, 0 (white) no effect, red that it makes the loss worse; tasks grouped "
+                      "as in the paper, white lines between groups.", files)

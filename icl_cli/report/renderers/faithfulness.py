@@ -48,8 +48,22 @@ def prompts_of(data: dict) -> str:
     return data.get("prompts", "in-sample")
 
 
+def size_match(sizes: dict[str, float | None], within: float, paper: str) -> str:
+    """Every circuit reaches the level within ``within`` nodes (yes), some do (partly), none (no)."""
+    from icl_cli.report.headline import judge
+
+    got = {t: v for t, v in sizes.items() if v is not None}
+    if not sizes:
+        return judge("cannot detect", "no curve")
+    level = "yes" if len(got) == len(sizes) and max(got.values()) <= within else "partly" if got else "no"
+    reached = ", ".join(f"{t} ≈ {v:.0f}" for t, v in got.items()) or "none"
+    return judge(level, f"reached by {len(got)}/{len(sizes)} circuits ({reached}); paper: {paper}")
+
+
 @register("faithfulness")
 class FaithfulnessRenderer(Renderer):
+    version = 2
+
     def build(self, art, out: Path | None) -> Section:
         data = json.loads(art.file("faithfulness.json").read_text(encoding="utf-8"))
         curves = data.get("curves", {})
@@ -74,10 +88,12 @@ class FaithfulnessRenderer(Renderer):
             sec.summary["headline"] = [
                 {"finding": f"Circuit size at 0.8 faithfulness (top nodes kept; {where} prompts)",
                  "ours": "; ".join(f"{t} {v}" for t, v in text08.items()) + " nodes",
-                 "paper": "about 1000 nodes keep about 0.8 (Gemma-1 2B, held-out prompts)"},
+                 "paper": "about 1000 nodes keep about 0.8 (Gemma-1 2B, held-out prompts)",
+                 "match": size_match(keep08, 3000, "about 1000")},
                 {"finding": f"Top nodes whose ablation halves faithfulness ({where} prompts)",
                  "ours": "; ".join(f"{t} {v}" for t, v in text_half.items()) + " nodes",
-                 "paper": "a few hundred"}]
+                 "paper": "a few hundred",
+                 "match": size_match(half, 1000, "a few hundred")}]
         cross = data.get("cross_task")
         if cross:
             m = [[fmt(v, 2) if v is not None else "undefined" for v in row] for row in cross["matrix"]]
@@ -124,8 +140,7 @@ class FaithfulnessRenderer(Renderer):
         rows, cols = [task_label(t) for t in cross["rows"]], [task_label(t) for t in cross["cols"]]
         fig, ax = p.subplots(figsize=heatmap_size(len(rows), len(cols), max(map(len, rows)), max(map(len, cols))))
         matrix = np.array([[np.nan if v is None else v for v in row] for row in cross["matrix"]], dtype=float)
-        heatmap(ax, matrix, rows, cols, cmap="viridis", vmin=0, vmax=1,
-                cbar="faithfulness F of the measured task")
+        heatmap(ax, matrix, rows, cols, cmap="viridis", cbar="faithfulness F of the measured task (colours: its range)")
         ax.set_xlabel("task measured")
         ax.set_ylabel("circuit ablated")
         ax.set_title(f"Cross-task circuit ablation ({where} prompts)")

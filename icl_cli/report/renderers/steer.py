@@ -18,8 +18,25 @@ MAX_COLUMNS = 60
 """At most this many feature columns in a figure (the ones with the largest effects)."""
 
 
+def specificity_match(mode: str, n_spec: int, n_sel: int, n: int) -> str:
+    """The "matches the paper?" cell of a steering row: executors are task-specific (the
+    normalised heatmap close to diagonal); detectors, steered at a dummy output, trigger their task."""
+    from icl_cli.report.headline import judge
+
+    what = "detectors" if mode == "detector" else "executors"
+    if mode == "detector":
+        level = "yes" if n_sel >= n / 2 else "partly" if n_spec >= n / 2 else "no"
+        reason = f"{n_sel}/{n} tasks have {what} by the rule, {n_spec}/{n} tasks' best feature is most specific to them"
+    else:
+        level = "yes" if n_spec >= 0.75 * n and n_sel >= n / 2 else "partly" if n_spec >= n / 2 else "no"
+        reason = f"{n_spec}/{n} tasks' best feature helps them most (diagonal), {n_sel}/{n} have {what} by the rule"
+    return judge(level, reason)
+
+
 @register("steer")
 class SteerRenderer(Renderer):
+    version = 2
+
     def build(self, art, out: Path | None) -> Section:
         from icl_cli.steer.heatmaps import read_h5, summary_json
 
@@ -46,7 +63,8 @@ class SteerRenderer(Renderer):
                         f"(mean best effect {float(r.effect.max(1).values.mean()):.2f})",
                 "paper": "executors are task-specific: the row-normalised heatmap is close to diagonal (qualitative, Fig. 4)"
                          if r.mode == "executor" else "steering with a detector at its output token (layer 11, s = 25) "
-                                                      "triggers its task in a 0-shot prompt (qualitative)"}]
+                                                      "triggers its task in a 0-shot prompt (qualitative)",
+                "match": specificity_match(r.mode, n_spec, n_sel, len(r.tasks))}]
         from icl_cli.steer.view import heatmap_tables
 
         sec.terminal += heatmap_tables(r, art.key, normalise=True)
@@ -57,38 +75,52 @@ class SteerRenderer(Renderer):
 
     @staticmethod
     def _heatmap(art, r, out: Path, normalise: bool) -> Figure:
-        from icl_cli.report.figures import heatmap, outline, plt, save, task_label
+        from icl_cli.report.figures import (MAX_WIDTH_IN, group_order, group_separators, heatmap, outline, outline_legend,
+                                            plt, save, task_label, tick_size)
         from icl_cli.steer.heatmaps import normalise_rows
         from icl_cli.steer.view import column_order
 
         p = plt()
-        cols = column_order(r.effect, MAX_COLUMNS)
-        values = (normalise_rows(r.effect) if normalise else r.effect)[:, cols].numpy()
+        order = group_order(r.tasks)  # rows by task group; columns grouped by the row each feature helps most
+        cols = column_order(r.effect[order], MAX_COLUMNS)
+        values = (normalise_rows(r.effect) if normalise else r.effect)[order][:, cols].numpy()
+        tasks = [r.tasks[i] for i in order]
         feats = [str(r.features[j]) for j in cols]
-        rows = [task_label(t) for t in r.tasks]
-        width = 2.2 + 0.075 * max(len(s) for s in rows) + 0.2 * len(cols) + 1.0
-        fig, ax = p.subplots(figsize=(max(width, 6), max(2.8, 1.6 + 0.3 * len(rows))))
-        label = "effect / row max (< 0.2 → 0)" if normalise else "relative loss decrease"
-        heatmap(ax, values, rows, feats, cmap="magma", vmin=0, vmax=1, cbar=label, annotate=len(cols) <= 14 and len(rows) <= 24,
-                xrotation=90)
-        ax.tick_params(axis="x", labelsize=7 if len(cols) > 30 else 8)
-        for i, t in enumerate(r.tasks):  # outline the task's executors / detectors
+        rows = [task_label(t) for t in tasks]
+        room = 2.2 + 0.075 * max(len(s) for s in rows) + 1.0
+        width = room + min(0.2 * len(cols), MAX_WIDTH_IN - room)
+        fig, ax = p.subplots(figsize=(max(width, 6), max(3.2, 1.9 + 0.3 * len(rows))))
+        label = "effect / row max (< 0.2 → 0)" if normalise else "relative loss decrease (colours: 0 to the largest)"
+        # normalised rows span 0-1 by construction; raw effects get a scale from 0 to their largest value
+        top = 1.0 if normalise else max(float(np.nanmax(values)) if values.size else 0.0, 1e-6)
+        heatmap(ax, values, rows, feats, cmap="magma", vmin=0, vmax=top, cbar=label,
+                annotate=len(cols) <= 14 and len(rows) <= 24, xrotation=90)
+        ax.tick_params(axis="x", labelsize=tick_size(len(cols), width - room))
+        group_separators(ax, tasks, color="tab:gray", lw=1.2)
+        n_out = 0
+        for i, t in enumerate(tasks):  # outline the task's executors / detectors
             own = set(r.selected.get(t, []))
             for k, j in enumerate(cols):
                 if r.features[j] in own:
                     outline(ax, i, k, "tab:cyan")
+                    n_out += 1
+        what = "detectors" if r.mode == "detector" else "executors"
+        outline_legend(ax, "tab:cyan", f"the row task's {what} ({n_out} cells)", n_out,
+                       f"no task has {what} by the rule (effect ≥ {r.min_effect:g}, ≤ {r.max_other:g}× elsewhere)")
         shown = f"{len(cols)} of {len(r.features)} features" if len(cols) < len(r.features) else f"{len(cols)} features"
         where = "the dummy example's output token" if r.mode == "detector" else "the arrow"
-        ax.set_xlabel(f"SAE feature id ({shown}, grouped by the task each helps most)")
+        vec = "detector vectors" if r.mode == "detector" else "task vectors"
+        ax.set_xlabel(f"SAE feature id ({shown} kept by cleaning the {vec}, grouped by the task each helps most)")
         ax.set_title(f"{r.mode.capitalize()} steering: {r.scale:g}·u_f added at {where}, resid_pre[{r.layer}]"
-                     + (" — rows normalised" if normalise else ""))
+                     + (" — rows normalised" if normalise else ""), pad=22)
         stem = f"steer-{art.key[:8]}-{r.mode}{'-normalised' if normalise else ''}"
         files = save(fig, out, stem)
-        what = "detectors" if r.mode == "detector" else "executors"
         return Figure(f"{r.mode.capitalize()} heatmap{' (row-normalised)' if normalise else ''}",
                       f"Relative loss decrease of each task's 0-shot prompts when one feature's decoder direction is added "
-                      f"(SPEC §6){'; each row divided by its max, cells under 0.2 set to 0' if normalise else ''}. "
-                      f"Outlined: the task's {what}.", files)
+                      f"(SPEC §6){'; each row divided by its max, cells under 0.2 set to 0' if normalise else ''}; "
+                      f"features: those kept by cleaning the {vec}. Tasks grouped as in the paper (grey lines between "
+                      f"groups). Outlined (cyan): the task's {what}"
+                      + ("." if n_out else f" — none: no task has {what} by the rule."), files)
 
     def _negative(self, art, r, data, out: Path | None) -> Section:
         from icl_cli.steer.heatmaps import negative_drop, shown_scale
@@ -112,23 +144,31 @@ class SteerRenderer(Renderer):
                          f"arrow of few-shot prompts; at scale {s:.3g} the accuracy at the arrows drops by {mean_own:+.3f} "
                          f"on average where the feature is the task's own and {mean_other:+.3f} elsewhere.")
         if out is not None:
-            from icl_cli.report.figures import heatmap, outline, plain_log_axis, plt, save, task_label
+            from icl_cli.report.figures import (MAX_WIDTH_IN, group_order, group_separators, heatmap, outline,
+                                                outline_legend, plain_log_axis, plt, save, task_label, tick_size)
 
             p = plt()
-            cols = column_order(drop.T.clamp(min=0), MAX_COLUMNS)
-            rows = [task_label(t) for t in r.tasks]
-            values = drop.T[:, cols].numpy()
-            lim = max(float(np.abs(values).max()), 1e-6)
-            width = 2.2 + 0.075 * max(len(x) for x in rows) + 0.2 * len(cols) + 1.0
-            fig, ax = p.subplots(figsize=(max(width, 6), max(2.8, 1.6 + 0.3 * len(rows))))
-            heatmap(ax, values, rows, [str(r.features[j]) for j in cols], cmap="RdBu_r", vmin=-lim, vmax=lim,
+            order = group_order(r.tasks)
+            cols = column_order(drop.T[order].clamp(min=0), MAX_COLUMNS)
+            tasks = [r.tasks[i] for i in order]
+            rows = [task_label(t) for t in tasks]
+            values = drop.T[order][:, cols].numpy()
+            room = 2.2 + 0.075 * max(len(x) for x in rows) + 1.0
+            width = room + min(0.2 * len(cols), MAX_WIDTH_IN - room)
+            fig, ax = p.subplots(figsize=(max(width, 6), max(3.2, 1.9 + 0.3 * len(rows))))
+            heatmap(ax, values, rows, [str(r.features[j]) for j in cols], cmap="RdBu_r", center=0.0,
                     cbar="accuracy drop at the arrows", annotate=len(cols) <= 14 and len(rows) <= 24, xrotation=90)
-            for i, t in enumerate(r.tasks):
+            ax.tick_params(axis="x", labelsize=tick_size(len(cols), width - room))
+            group_separators(ax, tasks, color="tab:gray", lw=1.2)
+            n_out = 0
+            for i, ti in enumerate(order):
                 for k, j in enumerate(cols):
-                    if own[j][i]:
+                    if own[j][ti]:
                         outline(ax, i, k, "black")
-            ax.set_xlabel("SAE feature id (outlined: a feature the row's task brought)")
-            ax.set_title(f"Negative steering: −{s:.3g}·u_f at every arrow, resid_pre[{r.layer}]")
+                        n_out += 1
+            outline_legend(ax, "black", "a feature the row's task brought", n_out, "no shown feature is a row task's own")
+            ax.set_xlabel("SAE feature id")
+            ax.set_title(f"Negative steering: −{s:.3g}·u_f at every arrow, resid_pre[{r.layer}]", pad=22)
             fig.tight_layout()
             files = save(fig, out, f"steer-{art.key[:8]}-negative")
             sec.figures.append(Figure("Negative steering, feature × task", f"Accuracy drop of the next token at every arrow "
