@@ -151,13 +151,14 @@ def show_cmd(
 @app.command("verify")
 def verify_cmd(
     ctx: typer.Context,
-    ref: Optional[str] = typer.Argument(None, help="Artifact to check (key, prefix or name)."),
-    all_: bool = typer.Option(False, "--all", help="Check every artifact in the store."),
+    ref: Optional[str] = typer.Argument(None, help="Artifact to check (key, prefix or name); none: every artifact."),
+    all_: bool = typer.Option(False, "--all", help="Check every artifact in the store (what no REF does too)."),
 ) -> None:
-    """Re-hash files against their manifests; exit 3 naming any damaged file."""
+    """Re-hash files against their manifests (every artifact when no REF is given); exit 3 naming any damaged file."""
     gl = g(ctx)
-    if (ref is None) == (not all_):
-        raise typer.BadParameter("give one artifact REF or --all")
+    if ref is not None and all_:
+        raise typer.BadParameter("give one artifact REF or --all, not both")
+    all_ = all_ or ref is None
     store = gl.store()
     arts = store.artifacts() if all_ else [store.resolve(ref)]
     rows = []

@@ -91,6 +91,7 @@ def test_verify_exit_3_names_the_damaged_file(root):
     art = _publish(root, layer=1)
     ok = icl(root, "--json", "store", "verify", "--all")
     assert ok.exit_code == 0 and json.loads(ok.stdout)[0]["ok"] is True
+    assert json.loads(icl(root, "--json", "store", "verify").stdout) == json.loads(ok.stdout)  # no REF: every artifact
     path = art.file("out.json")
     os.chmod(path, 0o644)
     data = bytearray(path.read_bytes())
@@ -103,7 +104,7 @@ def test_verify_exit_3_names_the_damaged_file(root):
 
 
 def test_usage_errors_exit_2(root):
-    assert icl(root, "store", "verify").exit_code == 2  # neither REF nor --all
+    assert icl(root, "store", "verify", "x", "--all").exit_code == 2  # REF and --all
     assert icl(root, "store", "gc", "--older-than", "soon", "--dry-run").exit_code == 2
     res = icl(root, "store", "import", "x", "--kind", "weights")
     assert res.exit_code == 2 and "not a kind" in res.stderr and res.stdout == ""
