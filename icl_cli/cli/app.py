@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 from typer import _click as click  # typer vendors click; its exceptions are these
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from icl_cli import __version__
 from icl_cli.cli.context import Globals, stderr_console
@@ -28,7 +28,12 @@ from icl_cli.core.errors import IclError
 
 class _Boundary(TyperGroup):
     """Root group that turns domain errors into one line on stderr and an exit code, and accepts
-    global options after the subcommand too (argv.py)."""
+    global options after the subcommand too (argv.py). ``--help`` lists the commands in the order
+    of the workflow (_SUBCOMMANDS)."""
+
+    def list_commands(self, ctx):  # noqa: D401 - click API
+        order = {name: k for k, (_, name) in enumerate(_SUBCOMMANDS)}
+        return sorted(super().list_commands(ctx), key=lambda n: order.get(n, len(order)))
 
     def parse_args(self, ctx, args):  # noqa: D401 - click API
         from icl_cli.cli.argv import hoist_globals
@@ -55,6 +60,15 @@ class _Boundary(TyperGroup):
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless -v
             _report(ctx, exc, 1, internal=True)
+
+
+def _switch_type(self, ctx):
+    """No value type after a boolean switch in --help (``--json``, not ``--json <bool>``)."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _switch_type
 
 
 def _usage(exc: "click.exceptions.ClickException") -> None:
@@ -139,21 +153,22 @@ def _register() -> None:
             mod.register(app)
 
 
-# (module in icl_cli.cli, sub-app name). A module exposes either `app` (a Typer group) or
-# `register(app)` (adds plain commands).
+# (module in icl_cli.cli, sub-app name), in the order of the workflow (what --help lists): the
+# whole pipeline, its steps as the paper runs them, then the store and the catalogues. A module
+# exposes either `app` (a Typer group) or `register(app)` (adds plain commands).
 _SUBCOMMANDS = [
-    ("store_cmd", "store"),
-    ("models_cmd", "models"),
-    ("tasks_cmd", "tasks"),
-    ("zoo_cmd", "zoo"),
-    ("train_sae_cmd", "train-sae"),
+    ("pipeline_cmd", "pipeline"),
     ("collect_cmd", "collect"),
+    ("train_sae_cmd", "train-sae"),
     ("clean_cmd", "clean"),
     ("steer_cmd", "steer"),
     ("ablate_cmd", "ablate"),
     ("circuit_cmd", "circuit"),
     ("report_cmd", "report"),
-    ("pipeline_cmd", "pipeline"),
+    ("store_cmd", "store"),
+    ("models_cmd", "models"),
+    ("tasks_cmd", "tasks"),
+    ("zoo_cmd", "zoo"),
 ]
 
 _register()
