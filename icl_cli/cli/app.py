@@ -11,19 +11,53 @@ them, so ``icl --help`` stays fast.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Optional
 
-import typer
+
+def _interrupted_before_start(kind, value, tb, _previous=sys.excepthook) -> None:
+    """Ctrl-C while the commands are still being imported: one line and exit 130, no traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write("interrupted; nothing was written to the store\n")
+        sys.stderr.flush()
+        os._exit(getattr(value, "exit_code", 130))
+    _previous(kind, value, tb)
+
+
+sys.excepthook = _interrupted_before_start  # set before the slow imports below
+
+import typer  # noqa: E402
 from typer import _click as click  # typer vendors click; its exceptions are these
 from typer.core import TyperGroup, TyperOption
 
-from icl_cli import __version__
-from icl_cli.cli.context import Globals, stderr_console
-from icl_cli.core.errors import IclError
+from icl_cli import __version__  # noqa: E402
+from icl_cli.cli.context import Globals, stderr_console  # noqa: E402
+from icl_cli.core.errors import IclError  # noqa: E402
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C: the store's cleanup runs (the
+    staging folder is deleted, the key's lock released) and the command exits 128 + signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _terminate(signum: int, frame) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # once: a second signal must not cut the cleanup short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _handle_termination() -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
 
 
 class _Boundary(TyperGroup):
@@ -51,15 +85,52 @@ class _Boundary(TyperGroup):
             return super().invoke(ctx)
         except IclError as exc:
             _report(ctx, exc, exc.exit_code)
-        except KeyboardInterrupt:
-            stderr_console().print("interrupted; nothing partial was written to the store", style="red")
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            what = f"terminated ({exc})" if isinstance(exc, Terminated) else "interrupted"
+            stderr_console().print(f"{what}; nothing partial was written to the store", style="red")
+            ctx.exit(getattr(exc, "exit_code", 130))
         except click.exceptions.ClickException as exc:  # usage errors of a subcommand (exit 2)
             _usage(exc)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as exc:  # noqa: BLE001 - the boundary: no traceback unless -v
+            known = _environment_or_damage(ctx, exc)
+            if known is not None:
+                _report(ctx, IclError(known[1]), known[0])
             _report(ctx, exc, 1, internal=True)
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _environment_or_damage(ctx, exc: Exception) -> "tuple[int, str] | None":
+    """(exit code, one line) for a failure of the machine (a full disk: 1) or of a data file (a
+    damaged or missing file: 3) that escaped the library as a plain exception; None otherwise."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return 1, f"no space left on the device{where}; free some space (e.g. `icl store gc`) or use --store on a larger disk"
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and exc.filename:
+        return 1, f"cannot write {exc.filename} ({exc.strerror}); check the permissions of the store (--store)"
+    name = type(exc).__name__
+    message = " ".join(str(exc).split()) or name
+    store = getattr(ctx.obj, "store_path", None)
+    in_store = bool(getattr(exc, "filename", None)) and store is not None and \
+        Path(exc.filename).absolute().is_relative_to(Path(store).expanduser().absolute())
+    if isinstance(exc, FileNotFoundError) and in_store:
+        return 3, f"the store lost {exc.filename}; run `icl store verify --all` and rebuild what it names"
+    if name == "SafetensorError" or name == "HeaderTooLarge":
+        return 3, f"a safetensors file is damaged or truncated ({message}); run `icl store verify --all` or replace the file"
+    if isinstance(exc, (OSError, RuntimeError, KeyError, ValueError)) and _raised_in(exc, "h5py"):
+        return 3, f"an HDF5 file is damaged or truncated ({message}); run `icl store verify --all` or replace the file"
+    return None
+
+
+def _raised_in(exc: BaseException, package: str) -> bool:
+    """Whether the innermost Python frames that raised ``exc`` belong to ``package``."""
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and package in Path(last.tb_frame.f_code.co_filename).parts
 
 
 def _switch_type(self, ctx):
@@ -176,6 +247,7 @@ _register()
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _handle_termination()
     app()
 
 

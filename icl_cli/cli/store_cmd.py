@@ -7,6 +7,7 @@
     icl store tag 3fa9c2 best-tv
     icl store export best-tv ./out
     icl store gc --older-than 7d --dry-run
+    icl store rm 3fa9c2                      # one artifact, even a damaged one
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.tree import Tree
 from icl_cli.cli.context import Globals, emit, g, log
 from icl_cli.core.errors import IclError, IntegrityError
 from icl_cli.store.imports import KINDS
+from icl_cli.store.integrity import mark_intact
 
 app = typer.Typer(help="The content-hashed artifact store.", no_args_is_help=True)
 
@@ -115,7 +117,7 @@ def show_cmd(
     """Show one artifact: its manifest, where it lies, and optionally its lineage."""
     gl = g(ctx)
     store = gl.store()
-    art = store.resolve(ref)
+    art = store.resolve(ref, check=False)
     data: dict[str, Any] = {"key": art.key, "step": art.step, "path": str(art.path), "names": art.names, "manifest": art.manifest}
     if tree:
         data["lineage"] = store.lineage(art)
@@ -160,7 +162,7 @@ def verify_cmd(
         raise typer.BadParameter("give one artifact REF or --all, not both")
     all_ = all_ or ref is None
     store = gl.store()
-    arts = store.artifacts() if all_ else [store.resolve(ref)]
+    arts = store.artifacts() if all_ else [store.resolve(ref, check=False)]
     rows = []
     for a in arts:
         problems = a.problems()
@@ -178,9 +180,13 @@ def verify_cmd(
 
     emit(gl, data=rows, table=table, keys=[r["key"] for r in rows])
     bad = [r for r in rows if not r["ok"]]
+    for a, r in zip(arts, rows):
+        if r["ok"]:
+            mark_intact(store.root, a)  # steps then skip re-hashing these files
     if bad:
         detail = "; ".join(f"{r['key'][:12]}: {', '.join(r['problems'])}" for r in bad[:5])
-        raise IntegrityError(f"{len(bad)} damaged artifact(s): {detail}; delete and rebuild them (icl store gc, then rerun)")
+        raise IntegrityError(f"{len(bad)} damaged artifact(s): {detail}; remove each with `icl store rm KEY` "
+                             f"(or all at once with `icl store gc`), then rerun the steps that made them")
     log(f"{len(rows)} artifact(s) verified", ctx_globals=gl)
 
 
@@ -197,7 +203,7 @@ def gc_cmd(
     store = gl.store()
     if not dry_run and not yes:
         preview = store.gc(seconds, dry_run=True)
-        if not (preview.removed or preview.staging or preview.work or preview.names):
+        if not (preview.removed or preview.staging or preview.work or preview.names or preview.locks):
             dry_run = True  # nothing to delete: say so and succeed, without asking for --yes
         else:
             raise IclError(
@@ -211,17 +217,27 @@ def gc_cmd(
         for col in ("what", "step", "created", "size"):
             t.add_column(col)
         for r in report.removed:
-            t.add_row(r["key"][:12], r["step"], _when(r["created"]), human_size(r["size"]))
+            t.add_row(r["key"][:12], r["step"] or "damaged", _when(r["created"]), human_size(r["size"]))
         for p in report.staging + report.work:
             t.add_row(Path(p).parent.name + "/" + Path(p).name[:12], "-", "-", "-")
         return t
 
-    anything = report.removed or report.staging or report.work or report.names
+    anything = report.removed or report.staging or report.work or report.names or report.locks
     nothing = lambda: Text(f"nothing to delete in {store.root} (grace period {older_than})")  # noqa: E731
     emit(gl, data=report.to_json(), table=table if anything else nothing, keys=[r["key"] for r in report.removed])
     verb = "would free" if dry_run else "freed"
     log(f"{len(report.removed)} artifact(s), {len(report.staging) + len(report.work)} scratch folder(s); "
-        f"{verb} {human_size(report.freed_bytes)}; kept {report.kept} ({report.protected} named or in named lineage)", ctx_globals=gl)
+        f"{verb} {human_size(report.freed_bytes)}; kept {report.kept} ({report.protected} named or in named lineage"
+        f"{f', {report.in_use} read by a running step' if report.in_use else ''})", ctx_globals=gl)
+
+
+@app.command("rm")
+def rm_cmd(ctx: typer.Context, ref: str = typer.Argument(..., help="Artifact to delete (key, prefix or name), damaged or not.")) -> None:
+    """Delete one artifact and the names pointing at it (refused while a running step reads it)."""
+    gl = g(ctx)
+    key, names = gl.store().remove(ref)
+    said = f" and its name(s) {', '.join(names)}" if names else ""
+    emit(gl, data={"key": key, "names": names}, table=lambda: Text(f"removed {key[:12]}{said}"), keys=[key])
 
 
 def _check_kind(kind: str) -> str:
@@ -236,10 +252,11 @@ def import_cmd(
     path: Path = typer.Argument(..., help="File or folder to import."),
     kind: str = typer.Option(..., "--kind", callback=_check_kind, help="; ".join(f"{k.name}: {k.help}" for k in KINDS.values())),
     name: Optional[str] = typer.Option(None, "--name", help="Also name the artifact."),
+    force: bool = typer.Option(False, "--force", help="Import again, replacing an earlier (e.g. damaged) import."),
 ) -> None:
     """Bring an existing file or folder (an SAE, task vectors, a model, tasks) into the store."""
     gl = g(ctx)
-    res = gl.store().import_path(path, kind, name=name, log=_say(gl))
+    res = gl.store().import_path(path, kind, name=name, log=_say(gl), force=force)
     art = res.artifact
     data = dict(_lite(art, art.names), reused=res.reused)
     emit(gl, data=data, table=lambda: Text(f"{art.key}  {art.step}  {', '.join(art.names)}".rstrip()), keys=[art.key])
@@ -250,12 +267,13 @@ def import_suite_cmd(
     ctx: typer.Context,
     ref: str = typer.Argument(..., help="toy-icl-suite, or a suite folder (manifest.json + one SAELens folder per dictionary)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name the suite NAME and each dictionary NAME.KIND.LAYER (default: the suite's own name)."),
+    force: bool = typer.Option(False, "--force", help="Import every dictionary again, replacing damaged earlier imports."),
 ) -> None:
     """Import a dictionary suite (resid / attn / transcoder per layer) for `icl circuit --saes`."""
     from icl_cli.dictionaries.suite import KINDS, import_suite, suite_name
 
     gl = g(ctx)
-    suite = import_suite(gl.store(), ref, name=name or suite_name(ref), log=_say(gl))
+    suite = import_suite(gl.store(), ref, name=name or suite_name(ref), log=_say(gl), force=force)
     rows = [{"kind": k, "layer": layer, "key": key, "name": f"{suite.name}.{k}.{layer}"}
             for (k, layer), key in sorted(suite.member_keys.items(), key=lambda kv: (kv[0][1], KINDS.index(kv[0][0])))]
 

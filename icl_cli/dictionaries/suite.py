@@ -148,12 +148,13 @@ def suite_name(ref: str) -> str:
 
 
 # ---- the store ----------------------------------------------------------------------------
-def import_suite(store, ref: str, name: str | None = None, log=None) -> Suite:
+def import_suite(store, ref: str, name: str | None = None, log=None, force: bool = False) -> Suite:
     """Import the suite folder `ref` (or a bundled suite's name) into `store`.
 
     Every dictionary becomes a content-keyed ``import-sae`` artifact and the suite a ``suite``
     artifact whose inputs are their keys. With `name`, the suite artifact is named `name` and
-    each dictionary `name.kind.layer`. Returns the loaded Suite.
+    each dictionary `name.kind.layer`; `force` imports again (replacing damaged imports).
+    Returns the loaded Suite.
     """
     from icl_cli.dictionaries.io import load_dictionary
     from icl_cli.store import StepSpec
@@ -168,7 +169,7 @@ def import_suite(store, ref: str, name: str | None = None, log=None) -> Suite:
     for e in manifest["dictionaries"]:
         kind, layer = e["kind"], e["layer"]
         tag = f"{name}.{kind}.{layer}" if name else None
-        art = import_path(store, folder / e["folder"], "sae", name=tag, log=log).artifact
+        art = import_path(store, folder / e["folder"], "sae", name=tag, log=log, force=force).artifact
         keys[(kind, layer)] = art.key
         dicts[(kind, layer)] = _check(load_dictionary(art.path), kind, layer, str(folder / e["folder"]),
                                       manifest.get("model"))
@@ -181,7 +182,7 @@ def import_suite(store, ref: str, name: str | None = None, log=None) -> Suite:
         st.write_json(SUITE_FILE, manifest)
         return {"n_dictionaries": len(keys), "model": manifest.get("model")}
 
-    res = store.run(spec, build, name=name, log=log)
+    res = store.run(spec, build, name=name, log=log, force=force)
     return Suite(suite_name, manifest, dicts, key=res.artifact.key, member_keys=keys)
 
 
