@@ -58,7 +58,7 @@ def test_planted_link_reads_a_large_drop_for_the_planted_pairs_and_none_for_the_
         blk.mlp.down_proj.weight.zero_()
     blk.input_layernorm = torch.nn.Identity()  # values read the residual itself
     hm = HookedModel(model)
-    tasks = [load_task("antonyms"), load_task("en_es")]
+    tasks = [load_task("antonyms"), load_task("person_profession")]  # the second pads its prompts
 
     det = build(DictConfig(d_in=d, d_sae=3, arch="standard", site="resid_pre", layer=l)).requires_grad_(False)
     exe = build(DictConfig(d_in=d, d_sae=3, arch="standard", site="resid_pre", layer=l + 1)).requires_grad_(False)
@@ -82,10 +82,10 @@ def test_planted_link_reads_a_large_drop_for_the_planted_pairs_and_none_for_the_
         real, x, _ = states(t)
         means[t.name] = float(torch.relu(x[real] @ dirn + 1.0).mean())
     with torch.no_grad():
-        exe.b_enc[0], exe.b_enc[1] = 100 * means["antonyms"], 100 * means["en_es"]
+        exe.b_enc[0], exe.b_enc[1] = 100 * means["antonyms"], 100 * means["person_profession"]
 
     r = run_frozen_link(hm, lm.tokenizer, tasks, det, [0, 1], exe, [0, 1], P, own_pairs=[(0, 0), (1, 1)],
-                        executor_tasks={0: ["antonyms"], 1: ["en_es"]}, detector_tasks={0: ["antonyms"], 1: ["en_es"]})
+                        executor_tasks={0: ["antonyms"], 1: ["person_profession"]}, detector_tasks={0: ["antonyms"], 1: ["person_profession"]})
 
     for j, (t, dirn, k) in enumerate(((tasks[0], w, 0), (tasks[1], w2, 1))):
         real, x, y = states(t)
@@ -109,7 +109,7 @@ def test_planted_link_reads_a_large_drop_for_the_planted_pairs_and_none_for_the_
     assert g["own"]["mean"] > 0.2 and g["other"]["mean"] < 1e-5
     assert int(r.group_hist[0].sum()) == g["own"]["positions"] and int(r.group_hist[1].sum()) == g["other"]["positions"]
     rows, cols, tm = r.task_matrix()
-    assert rows == cols == ["antonyms", "en_es"]
+    assert rows == cols == ["antonyms", "person_profession"]
     assert float(tm[0, 0]) == pytest.approx(float(r.pair_mean[0, 0])) and float(tm[0, 1]) < 1e-5
 
 
