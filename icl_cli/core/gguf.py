@@ -109,38 +109,97 @@ def read_header(path: Path) -> Header:
                        "checkpoint or a model folder")
     size = path.stat().st_size
     try:
-        reader = gguf.GGUFReader(str(path))
-        tensors = list(reader.tensors)
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
-        arch = _field(reader, "general.architecture")
-    except IclError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - numpy/struct errors of a cut or corrupt file
-        raise IclError(f"{path} is truncated or corrupt ({size} bytes; {type(exc).__name__}: "
-                       f"{_first_line(exc)}); download it again") from None
+        fields, tensors, data_start = _parse(path)
+    except (EOFError, ValueError, UnicodeDecodeError) as exc:
+        raise IclError(f"{path} is truncated or corrupt ({size} bytes; {_first_line(exc)}); download it again") from None
+    qtypes = {}
+    end = data_start
+    for name, shape, code, offset in tensors:
+        try:
+            qtype = gguf.GGMLQuantizationType(code)
+        except ValueError:
+            raise IclError(f"{path.name}: tensor {name} has the unknown type {code}; `pip install -U gguf` "
+                           "may know it") from None
+        block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+        n = 1
+        for d in shape:
+            n *= d
+        end = max(end, data_start + offset + n // block * nbytes)
+        qtypes[qtype] = True
     if end > size or not tensors:
         raise IclError(f"{path} is truncated ({size} bytes, its tensors end at byte {end}); download it again")
-    if arch is None:
+    arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
         raise IclError(f"{path} has no general.architecture field; it is not a model checkpoint")
     families = supported_families()
     if arch not in families:
         raise IclError(f"{path.name}: GGUF architecture {arch!r} is not supported; icl reads GGUF files of "
                        f"{', '.join(families)}")
-    types = sorted({t.tensor_type for t in tensors}, key=int)
+    types = sorted(qtypes, key=int)
     bad = [t.name for t in types if not _dequantizable(gguf, t)]
     if bad:
         raise IclError(f"{path.name} holds tensors of type {', '.join(bad)}, which the gguf package cannot "
                        "dequantize; use a file quantized as F32, F16, BF16, Q8_0, Q4_K, ... (`pip install -U gguf` "
                        "may add the type)")
-    return Header(arch, _field(reader, "general.name") or "", len(tensors), tuple(t.name for t in types))
+    name = fields.get("general.name")
+    return Header(arch, name if isinstance(name, str) else "", len(tensors), tuple(t.name for t in types))
 
 
-def _field(reader, key: str) -> str | None:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    value = field.contents()
-    return value if isinstance(value, str) else str(value)
+# GGUF value types (the spec's gguf_type): struct format of each scalar; 8 string, 9 array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _parse(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(scalar and string metadata, [(tensor name, shape, type code, offset)], byte where the tensor
+    data starts) of a GGUF v2/v3 file. Arrays are skipped, not read (a vocabulary is 100k strings):
+    a second in Python where gguf.GGUFReader takes many."""
+    import struct
+
+    with open(path, "rb", buffering=1 << 20) as fh:
+        def take(n: int) -> bytes:
+            b = fh.read(n)
+            if len(b) != n:
+                raise EOFError(f"the file ends at byte {fh.tell()}, inside its header")
+            return b
+
+        def num(fmt: str):
+            return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return take(num("Q")).decode("utf-8")
+
+        def value(kind: int):
+            if kind in _SCALARS:
+                return num(_SCALARS[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                inner, count = num("I"), num("Q")
+                if inner in _SCALARS:
+                    fh.seek(count * struct.calcsize(_SCALARS[inner]), 1)
+                else:
+                    for _ in range(count):
+                        value(inner)
+                return None
+            raise ValueError(f"unknown metadata value type {kind}")
+
+        take(4)  # the magic, checked by is_gguf
+        version = num("I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} (icl reads versions 2 and 3)")
+        n_tensors, n_kv = num("Q"), num("Q")
+        fields = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(num("I"))
+        tensors = []
+        for _ in range(n_tensors):
+            name = string()
+            shape = tuple(num("Q") for _ in range(num("I")))
+            tensors.append((name, shape, num("I"), num("Q")))
+        align = fields.get("general.alignment") or 32
+        data_start = -(-fh.tell() // align) * align
+    return fields, tensors, data_start
 
 
 def _dequantizable(gguf, qtype) -> bool:

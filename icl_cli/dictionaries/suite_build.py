@@ -1,8 +1,13 @@
-"""Writing a dictionary suite folder from trained dictionaries (scripts/toy_saes.sh ships the
-toy model's suite this way; the layout is in suite.py).
+"""Training a dictionary suite and writing its folder (the layout is in suite.py).
 
-    manifest = write_suite(folder, members, lm, name="toy-icl-suite", training={...})
+    members = train_suite(lm, TrainConfig(layers=[19, 20, 21], arch="topk", ...))  # one pass per batch
+    manifest = write_suite(folder, members, lm, name="smollm2-suite", training={...})
     fvus = check_fvu(lm, {("resid", 3): d, ...}, CHECK)
+
+scripts/toy_saes.sh trains the toy suite one site at a time through `icl train-sae` (members are
+store artifacts); icl_cli/zoo/smollm2_suite.py trains every kind and layer of the SmolLM2 suite
+together with train_suite, on forward passes that stop after the highest layer (members are the
+trained dictionaries themselves).
 
 The weights are stored in float16 (half the bytes; the FVU they give is measured and stored
 as check_fvu next to the training metrics).
@@ -10,6 +15,7 @@ as check_fvu next to the training metrics).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,12 +26,14 @@ from icl_cli.dictionaries.base import Dictionary
 from icl_cli.dictionaries.suite import KIND_SITE, KINDS, MANIFEST
 
 CHECK = {"task": "antonyms", "n_prompts": 4, "n_shot": 8, "seed": 0}
-"""The prompts whose FVU every manifest records (check_fvu): every token but BOS and padding."""
+"""The prompts whose FVU every manifest records (check_fvu): every token but the first and padding."""
 METRICS = ("l0", "fvu", "dead_fraction", "ce_clean", "ce_spliced", "ce_zero", "ce_recovered", "eval_tokens")
 
 
 def check_batch(lm, check: dict = CHECK):
-    """(input_ids [B,P], attention_mask [B,P], keep [B,P] bool) of the check prompts."""
+    """(input_ids [B,P], attention_mask [B,P], keep [B,P] bool) of the check prompts; keep drops
+    padding, BOS and the first token (without a BOS, the first token is the attention sink, whose
+    residual norm is tens of times the others' on SmolLM2: no dictionary is trained on it)."""
     from icl_cli.core.batch import encode_prompts
     from icl_cli.core.prompts import sample_prompts
     from icl_cli.core.tasks import resolve_tasks
@@ -35,6 +43,7 @@ def check_batch(lm, check: dict = CHECK):
                              task_name=task.name)
     batch = encode_prompts(lm.tokenizer, prompts, device=lm.device)
     keep = batch.attention_mask.bool()
+    keep[:, 0] = False
     bos = lm.tokenizer.bos_token_id
     if bos is not None:
         keep &= batch.input_ids != bos
@@ -67,11 +76,22 @@ def check_fvu(lm, dicts: dict[tuple[str, int], Dictionary], check: dict = CHECK)
     return out
 
 
+def train_suite(lm, cfg, kinds: Sequence[str] = KINDS, progress=None) -> list[tuple[str, int, object]]:
+    """Train a dictionary of every kind at every layer of ``cfg`` (a TrainConfig) together: one
+    forward pass per batch feeds them all and stops after the highest layer. Returns members
+    (kind, layer, Trained) for write_suite."""
+    from icl_cli.train_sae.trainer import train_dictionaries
+
+    return [(r.site, r.layer, r) for r in train_dictionaries(cfg, lm, progress=progress, sites=list(kinds))]
+
+
 def write_suite(folder: Path | str, members: Sequence[tuple[str, int, object]], lm, name: str,
                 training: dict, check: dict = CHECK) -> dict:
-    """Write float16 SAELens folders of `members` ((kind, layer, train-sae artifact)) and the manifest.
+    """Write float16 SAELens folders of `members` and the manifest.
 
-    Returns the manifest (also written to folder/manifest.json).
+    members: (kind, layer, source), source a train-sae artifact (path, metrics, key) or a trained
+    dictionary (train_sae.trainer.Trained: sae, metrics, sparsity). Returns the manifest (also
+    written to folder/manifest.json).
     """
     from icl_cli.core.identity import model_fingerprint
     from icl_cli.dictionaries.io import load_dictionary, read_sparsity, save_saelens
@@ -79,15 +99,16 @@ def write_suite(folder: Path | str, members: Sequence[tuple[str, int, object]], 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     entries, stored = [], {}
-    for kind, layer, art in sorted(members, key=lambda m: (m[1], KINDS.index(m[0]))):
-        d = load_dictionary(art.path).half()
+    for kind, layer, src in sorted(members, key=lambda m: (m[1], KINDS.index(m[0]))):
+        trained = hasattr(src, "sae")
+        d = (copy.deepcopy(src.sae) if trained else load_dictionary(src.path)).half()
         d.cfg.dtype = "float16"
         sub = f"{kind}.{layer}"
-        save_saelens(d, folder / sub, sparsity=read_sparsity(art.path))
+        save_saelens(d, folder / sub, sparsity=src.sparsity if trained else read_sparsity(src.path))
         stored[(kind, layer)] = load_dictionary(folder / sub)  # what users will load
-        m = art.metrics or {}
+        m = src.metrics or {}
         entries.append({"kind": kind, "layer": layer, "folder": sub, "arch": d.cfg.arch, "d_sae": d.cfg.d_sae,
-                        **{k: m.get(k) for k in METRICS}, "source_key": art.key})
+                        **{k: m.get(k) for k in METRICS}, "source_key": None if trained else src.key})
     fvus = check_fvu(lm, stored, check)
     for e in entries:
         e["check_fvu"] = fvus[(e["kind"], e["layer"])]

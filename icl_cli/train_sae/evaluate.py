@@ -66,7 +66,8 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
                 scored[b, : len(t)] = torch.tensor(t, dtype=mask.dtype)
         keep = token_mask(mask, has_bos)
         sites = {s for pair in reads for s in pair if s is not None}
-        out = hm.run(ids, mask, read=sites | {last}, stop_after=last.layer)
+        starts = {Site("resid_pre", s_in.layer) for s_in, _ in reads}  # spliced runs start there
+        out = hm.run(ids, mask, read=sites | starts | {last}, stop_after=last.layer)
         c, cnt = _ce(hm, out.acts[last], ids, scored)
         ce["clean"] += c
         n_tgt += cnt
@@ -82,7 +83,9 @@ def evaluate(hm, tokenizer, dicts: Sequence, reads: Sequence[tuple], chunks: lis
             sq[i] += float(t.pow(2).sum())
             for kind in ("sae", "zero"):
                 edit = _splice(d, s_in, s_out, keep, zero=kind == "zero")
-                spliced = hm.run(ids, mask, read=[last], edit=edit, stop_after=last.layer).acts[last]
+                start = Site("resid_pre", s_in.layer)  # the blocks below the dictionary are the clean run's
+                spliced = hm.run(ids, mask, read=[last], edit=edit, stop_after=last.layer, start_at=start.layer,
+                                 start_resid=out.acts[start]).acts[last]
                 ce[f"{kind}{i}"] += _ce(hm, spliced, ids, scored)[0]
     results = []
     for i in range(n):

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,6 +56,8 @@ class Trained:
     sparsity: Tensor
     """[d_sae] log10 firing frequency over the last 20% of training."""
     config: dict = field(default_factory=dict)
+    site: str = ""
+    """resid | attn | transcoder (several sites can train on one pass: train_dictionaries(sites=))."""
 
 
 def site_reads(site: str, layers: list[int]) -> list[tuple]:
@@ -107,25 +109,29 @@ def train_dictionaries(
     work_dir: Path | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    sites: Sequence[str] | None = None,
 ) -> list[Trained]:
-    """Train one dictionary per layer of `cfg` on `lm` (model, tokenizer, n_layers, d_model, device)."""
+    """Train one dictionary per layer of `cfg` on `lm` (model, tokenizer, n_layers, d_model, device).
+
+    sites: train one per (site, layer) for each of these sites instead of cfg.site, all on the same
+    forward passes (a dictionary suite harvested in one pass, dictionaries/suite_build.py)."""
     from icl_cli.core.sites import HookedModel
 
     cfg = cfg.resolved(lm.d_model, lm.n_layers)
     device = torch.device(lm.device) if not isinstance(lm.device, torch.device) else lm.device
     grp = dist.current()
     hm = HookedModel(lm.model)
-    reads = site_reads(cfg.site, cfg.layers)
+    members = [(site, layer) for site in (sites or [cfg.site]) for layer in cfg.layers]
+    reads = [r for site in (sites or [cfg.site]) for r in site_reads(site, cfg.layers)]
     n = len(reads)
-    site_name = SITE_KINDS[cfg.site]
 
     # One generator per dictionary, seeded by what its key hashes (seed, site, layer): a layer
     # trained alone gets the same initial weights and resamples as among other layers.
-    g_init = [init_generator(cfg.seed, cfg.site, layer) for layer in cfg.layers]
+    g_init = [init_generator(cfg.seed, site, layer) for site, layer in members]
     g_data = torch.Generator().manual_seed(cfg.seed + 1)
     dicts = []
-    for layer, gen in zip(cfg.layers, g_init):
-        d = build(DictConfig(d_in=lm.d_model, d_sae=cfg.width, arch=cfg.arch, model=cfg.model, site=site_name,
+    for (site, layer), gen in zip(members, g_init):
+        d = build(DictConfig(d_in=lm.d_model, d_sae=cfg.width, arch=cfg.arch, model=cfg.model, site=SITE_KINDS[site],
                              layer=layer, k=cfg.k if cfg.arch == "topk" else 0))
         d.reset_parameters(gen)
         dicts.append(d.to(device))
@@ -151,7 +157,7 @@ def train_dictionaries(
     late_from = int(0.8 * total_steps)
     resample_steps = set() if cfg.arch == "topk" else {int(total_steps * f) for f in RESAMPLE_AT} - {0}
     log_every = max(1, total_steps // 200)
-    identity = _identity(cfg)
+    identity = _identity(cfg) + ("" if sites is None else "+" + ",".join(sites))
 
     resumed_at = None
     got = ckpt.load(work_dir) if (work_dir is not None and resume) else None
@@ -269,12 +275,13 @@ def train_dictionaries(
     else:  # rank 0 evaluates and publishes
         metrics = [{} for _ in dicts]
     out = []
-    for i, (layer, d) in enumerate(zip(cfg.layers, dicts)):
+    for i, ((site, layer), d) in enumerate(zip(members, dicts)):
         dead = (st.tokens - st.last_fired[i]) > dead_window
         freq = st.late_counts[i].double() / max(st.late_tokens, 1)
         m = dict(metrics[i], dead_fraction=float(dead.float().mean()), resampled=int(st.resampled[i]),
                  steps=st.step, tokens=st.tokens, input_scale=float(st.n_in[i]))
-        out.append(Trained(layer, d.cpu(), m, st.curves[i], torch.log10(freq + 1e-10).float(), cfg.params(layer)))
+        out.append(Trained(layer, d.cpu(), m, st.curves[i], torch.log10(freq + 1e-10).float(),
+                           {**cfg.params(layer), "site": site}, site))
     return out
 
 
