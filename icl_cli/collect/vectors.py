@@ -32,7 +32,7 @@ from icl_cli.core.batch import encode_prompts
 from icl_cli.core.layers import parse_layers
 from icl_cli.core.prompts import ROLES, sample_prompts, split_pairs
 from icl_cli.core.sites import HookedModel, Site
-from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, scores, steered_answers
+from icl_cli.core.steering import BaseCache, mean_at_role, plain_scores, sweep_scores
 from icl_cli.core.tasks import Task
 from icl_cli.core.errors import IclError
 from icl_cli.collect.artifact import (FORMAT_VERSION, SWEEP_METRICS, CollectParams, mass_percent,  # noqa: F401 (re-exported)
@@ -104,11 +104,9 @@ def collect_task(hm: HookedModel, tokenizer, task: Task, layers: Sequence[int], 
     f = plain_scores(hm, tokenizer, fs_eval, p.n_first, device)
     sweep: dict[str, float | list[float]] = {"zero_shot_nll": z.nll, "zero_shot_acc": z.acc,
                                               "few_shot_nll": f.nll, "few_shot_acc": f.acc}
+    swept = sweep_scores(hm, cache, layers, tv, ("add", "replace"))  # batched over layers
     for mode, prefix in (("add", "tv"), ("replace", "tv_replace")):
-        rows = []
-        with torch.no_grad():
-            for j, l in enumerate(layers):
-                rows.append(scores(*steered_answers(hm, cache, l, tv[j], mode)))
+        rows = swept[mode]
         sweep[f"{prefix}_nll"] = [r.nll for r in rows]
         sweep[f"{prefix}_acc"] = [r.acc for r in rows]
     best = layers[min(range(len(layers)), key=lambda j: sweep["tv_nll"][j])]
