@@ -85,24 +85,35 @@ def explore_cmd(
     max_new_tokens: int = typer.Option(10, "--max-new-tokens", help="Tokens generated greedily."),
     where: str = typer.Option("last", "--where", help="last (the prompt's last token, like the heatmap) | all."),
     model: Optional[str] = typer.Option(None, "--model", help="Model (default: the one the SAE was trained on)."),
+    answer: Optional[str] = typer.Option(None, "--answer", help="Expected answer: its first token's probability without and with steering."),
 ) -> None:
-    """Greedy completion of a prompt without and with one feature's direction added, side by side."""
+    """Greedy completion of a prompt without and with one feature's direction added, side by side, and
+    how the next token's probabilities change (the answer's and the top tokens')."""
     from icl_cli.steer.step import ExploreRequest, run_explore
 
     gl = g(ctx)
     text = prompt.replace("\\n", "\n")
     out = run_explore(run_env(gl), ExploreRequest(sae=sae, feature=feature, prompt=text, scale=scale,
-                                                  max_new_tokens=max_new_tokens, where=where, model=model))
+                                                  max_new_tokens=max_new_tokens, where=where, model=model,
+                                                  answer=answer))
     c = out.completion
 
     def table():
         from rich.table import Table
+        from rich.text import Text
 
         tab = Table(title=f"feature {feature} × {scale:g} at resid_pre[{out.layer}] ({where} token)")
         tab.add_column("prompt")
         tab.add_column("without steering")
         tab.add_column("with steering")
         tab.add_row(text.replace("\n", "⏎"), c.plain.replace("\n", "⏎"), c.steered.replace("\n", "⏎"))
-        return tab
+        probs = Table(title="next token: probability without and with steering (largest change first)", title_justify="left")
+        for col in ("token", "without", "with", "change"):
+            probs.add_column(col, justify="left" if col == "token" else "right")
+        for row in out.data["next_token"]:
+            d = row["p_steered"] - row["p_plain"]
+            probs.add_row(repr(row["token"]) + (" (answer)" if row["answer"] else ""), f"{row['p_plain']:.3g}",
+                          f"{row['p_steered']:.3g}", Text(f"{d:+.2g}", style="green" if d > 0 else "red" if d < 0 else ""))
+        return [tab, probs]
 
     emit(gl, out.data, table=table)

@@ -1,6 +1,8 @@
-"""What one feature does: greedy completions of a prompt without and with s·u_f added (SPEC §6).
+"""What one feature does: greedy completions of a prompt without and with s·u_f added (SPEC §6),
+and the next-token probabilities of the answer and of the top tokens, so an effect that does not
+flip the greedy token still shows.
 
-    icl steer explore --sae SAE_REF --feature 123 --scale 15 --prompt "Follow the pattern:\\nhot ->"
+    icl steer explore --sae SAE_REF --feature 123 --scale 15 --prompt "Follow the pattern:\\nhot ->" --answer cold
 
 u_f = W_dec[f] / ‖W_dec[f]‖ is added to resid_pre[l] (l = the SAE's layer) at the prompt's last
 token (``where="last"``, as the heatmap adds it at the arrow) or at every position, generated
@@ -27,6 +29,42 @@ class Completion(NamedTuple):
     steered: str
     plain_ids: list[int]
     steered_ids: list[int]
+    probs: tuple = ()
+    """(token id, p without, p with steering) of the first new token: the answer's first token (when
+    given) and the top tokens of either distribution, largest change first."""
+    answer_id: int | None = None
+    """The answer's first token (None: no answer given)."""
+
+
+@torch.no_grad()
+def next_token_probs(hm: HookedModel, input_ids: torch.Tensor, layer: int, vector: torch.Tensor, where: str = "last",
+                     answer_id: int | None = None, top: int = 5) -> list[tuple[int, float, float]]:
+    """(id, p plain, p steered) at the position after input_ids [1, P] for the answer's token and
+    the ``top`` most likely tokens of each run, sorted by |p steered − p plain|, largest first."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    if where == "last":
+        mask[:, -1] = True
+    else:
+        mask[:] = True
+    ones = torch.ones_like(input_ids)
+    plain = hm.run(input_ids, ones).logits[0, -1].float().softmax(-1)  # [V]
+    steered = hm.run(input_ids, ones, edit={Site("resid_pre", layer): add_at(vector, mask)}).logits[0, -1].float().softmax(-1)
+    ids = list(dict.fromkeys(([answer_id] if answer_id is not None else []) + plain.topk(top).indices.tolist()
+                             + steered.topk(top).indices.tolist()))
+    rows = [(i, float(plain[i]), float(steered[i])) for i in ids]
+    return sorted(rows, key=lambda r: -abs(r[2] - r[1]))
+
+
+def answer_token(tokenizer, prompt: str, answer: str) -> int:
+    """The first token of ``answer`` as it follows ``prompt`` (" word" after "x ->", as in the
+    task prompts; a BPE tokenizer gives the word with its leading space)."""
+    sep = "" if not prompt or prompt[-1].isspace() else " "
+    head = tokenizer(prompt).input_ids
+    full = tokenizer(prompt + sep + answer).input_ids
+    if len(full) <= len(head) or full[:len(head)] != head:
+        raise IclError(f"cannot find the first token of --answer {answer!r} after the prompt (the tokenizer merges it "
+                       "with the prompt's end); end the prompt with a space or pass another answer")
+    return int(full[len(head)])
 
 
 @torch.no_grad()
@@ -56,8 +94,9 @@ def greedy(hm: HookedModel, input_ids: torch.Tensor, max_new_tokens: int, layer:
 
 
 def explore(hm: HookedModel, tokenizer, sae, feature: int, scale: float, prompt: str, max_new_tokens: int = 10,
-            where: str = "last", device=None) -> Completion:
-    """Greedy completions of ``prompt`` without and with s·u_feature at the SAE's layer."""
+            where: str = "last", device=None, answer: str | None = None) -> Completion:
+    """Greedy completions of ``prompt`` without and with s·u_feature at the SAE's layer, and the
+    next-token probabilities of ``answer``'s first token and of the top tokens."""
     if not math.isfinite(scale):
         raise IclError(f"--scale must be a finite number, got {scale}")
     if where not in WHERE:
@@ -74,5 +113,7 @@ def explore(hm: HookedModel, tokenizer, sae, feature: int, scale: float, prompt:
     eos = getattr(tokenizer, "eos_token_id", None)
     plain = greedy(hm, ids, max_new_tokens, eos=eos)
     steered = greedy(hm, ids, max_new_tokens, layer, scale * u, where, eos)
+    answer_id = answer_token(tokenizer, prompt, answer) if answer else None
+    probs = next_token_probs(hm, ids, layer, scale * u, where, answer_id)
     dec = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-    return Completion(dec(plain), dec(steered), plain, steered)
+    return Completion(dec(plain), dec(steered), plain, steered, tuple(probs), answer_id)

@@ -265,6 +265,8 @@ class ExploreRequest:
     """last (the prompt's last token, like the heatmap) | all."""
     model: Optional[str] = None
     """Model (default: the one the SAE was trained on)."""
+    answer: Optional[str] = None
+    """The expected answer: its first token's probability without and with steering is reported."""
 
 
 @dataclass
@@ -298,7 +300,9 @@ def run_explore(env: RunEnv, req: ExploreRequest) -> ExploreOutcome:
     if d.cfg.d_in != hm.d_model:
         raise IclError(f"the SAE has d_in {d.cfg.d_in} but the model has d_model {hm.d_model}: pass --model of the SAE")
     text = req.prompt
-    c = explore(hm, lm.tokenizer, d.to(lm.device), feature, scale, text, req.max_new_tokens, where, lm.device)
+    c = explore(hm, lm.tokenizer, d.to(lm.device), feature, scale, text, req.max_new_tokens, where, lm.device, req.answer)
     data = {"prompt": text, "feature": feature, "scale": scale, "layer": d.cfg.layer, "where": where,
-            "plain": c.plain, "steered": c.steered, "plain_ids": c.plain_ids, "steered_ids": c.steered_ids}
+            "plain": c.plain, "steered": c.steered, "plain_ids": c.plain_ids, "steered_ids": c.steered_ids,
+            "next_token": [{"id": i, "token": lm.tokenizer.decode([i]), "p_plain": a, "p_steered": b,
+                            "answer": i == c.answer_id} for i, a, b in c.probs]}
     return ExploreOutcome(c, d.cfg.layer, data)
