@@ -98,8 +98,10 @@ def clean_step(hm: HookedModel, sae, cache: BaseCache, layer: int, theta: Tensor
 
 
 def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, p: CleanParams, l1: float,
-                 mask: Tensor) -> Cleaned:
-    """Steps 1-5 above for one vector; returns the θ with the minimum L0 seen."""
+                 mask: Tensor, tick: Callable[[str], None] | None = None) -> Cleaned:
+    """Steps 1-5 above for one vector; returns the θ with the minimum L0 seen. ``tick(text)``, when
+    given, hears after every step where the optimisation is (the command layer shows it at most
+    every few seconds)."""
     act = activation(sae)
     sae.requires_grad_(False)  # only θ is optimised
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
@@ -117,6 +119,8 @@ def clean_vector(hm: HookedModel, sae, cache: BaseCache, layer: int, v: Tensor, 
             finite, l0 = torch.stack([torch.isfinite(loss).long(), (act(theta) > 0).sum()]).tolist()
         if not finite:
             raise IclError(f"the cleaning loss became {loss.item()} at step {step}; lower --lr or run in float32 (--dtype float32)")
+        if tick is not None:
+            tick(f"λ {l1:g} step {step}/{p.max_steps} L0 {l0} (min {min(l0, best[0])})")
         if l0 < best[0]:
             best, since = (l0, theta.detach().clone(), step), 0
             if l0 == 0:  # nothing is sparser: the returned θ cannot change any more
@@ -141,7 +145,8 @@ def validation_queries(train: Sequence[tuple[str, str]], used: Sequence[Prompt])
 
 
 def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, layer: int, v: Tensor, p: CleanParams,
-              mask_tr: Tensor, mask_val: Tensor, start: float | None = None) -> tuple[float, Cleaned, dict]:
+              mask_tr: Tensor, mask_val: Tensor, start: float | None = None,
+              tick: Callable[[str], None] | None = None) -> tuple[float, Cleaned, dict]:
     """Step 6 above: (λ, its cleaned vector, the record of every λ tried, in the order tried).
 
     From ``start`` (a λ of the grid; default its largest): while the λ passes, try the next
@@ -161,7 +166,7 @@ def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, l
 
     def passes(i: int) -> bool:
         if i not in done:
-            c = clean_vector(hm, sae, cache_tr, layer, v, p, grid[i], mask_tr)
+            c = clean_vector(hm, sae, cache_tr, layer, v, p, grid[i], mask_tr, tick)
             done[i] = (c, val_nll(c.vector))
             for k, x in (("l1", grid[i]), ("l0", c.l0), ("val_nll", done[i][1]), ("steps", c.steps)):
                 tried[k].append(x)
@@ -182,10 +187,12 @@ def choose_l1(hm: HookedModel, sae, cache_tr: BaseCache, cache_val: BaseCache, l
 
 
 def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tensor, p: CleanParams,
-               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None) -> CleanResult:
+               split: tuple[int, int], template: str = "paper", n_first: int = 2, device=None,
+               tick: Callable[[str], None] | None = None) -> CleanResult:
     """Clean one task's vector and score every method on held-out prompts.
 
     split = (n_eval, seed) of the collect step, so the held-out queries are the ones it held out.
+    ``tick``: where each optimisation is, after every step (clean_vector).
     """
     train, heldout = task_split(task, *split)
     tr = _prompts(train, train, p.n_train, p.seed + 3, p.detectors, template, task.name)
@@ -198,10 +205,10 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
         val = _prompts(train, validation_queries(train, tr), p.n_val, p.seed + 4, p.detectors, template, task.name)
         cache_val = BaseCache.build(hm, tokenizer, val, [layer], n_first, device)
         l1, cleaned, auto = choose_l1(hm, sae, cache_tr, cache_val, layer, v, p, mask_tr,
-                                      steer_mask(cache_val.batch, p.detectors), start=p.l1_grid[p.start_index])
+                                      steer_mask(cache_val.batch, p.detectors), start=p.l1_grid[p.start_index], tick=tick)
     else:
         l1, auto = p.l1, {}
-        cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, l1, mask_tr)
+        cleaned = clean_vector(hm, sae, cache_tr, layer, v, p, l1, mask_tr, tick)
     with torch.no_grad():
         recon_acts = sae.encode(v.to(sae.W_dec.device, sae.W_dec.dtype))
         vectors = {"zero_shot": None, "tv": v, "recon": sae.decode(recon_acts), "cleaned": cleaned.vector}
@@ -218,7 +225,7 @@ def clean_task(hm: HookedModel, tokenizer, sae, task: Task, layer: int, v: Tenso
     if p.sweep_l1:
         result.sweep = {"l1": list(p.sweep_l1), "l0": [], "nll": []}
         for lam in p.sweep_l1:
-            c = clean_vector(hm, sae, cache_tr, layer, v, p, lam, mask_tr)
+            c = clean_vector(hm, sae, cache_tr, layer, v, p, lam, mask_tr, tick)
             with torch.no_grad():
                 s = scores(*steered_answers(hm, cache_ho, layer, c.vector, mask=mask_ho))
             result.sweep["l0"].append(c.l0)

@@ -188,7 +188,8 @@ def run_clean(env: RunEnv, req: CleanRequest) -> CleanOutcome:
                 if done is None:
                     v = (results[t].dv if detectors else results[t].tv)[j].to(lm.device)
                     done = clean_task(hm, lm.tokenizer, dd, suite[t], lay, v, p, (cp["n_eval"], cp["seed"]),
-                                      cp["template"], cp["n_first"], lm.device)
+                                      cp["template"], cp["n_first"], lm.device,
+                                      tick=lambda where, t=t: advance(f"… {t}: {where}"))
                     done.flags = flags[t]
                     done.save(part_file)
                 out[t] = done

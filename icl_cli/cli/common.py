@@ -33,7 +33,8 @@ class PlainProgress:
 
     def update(self, done: int, label: str = "", info: str = "") -> None:
         now = time.perf_counter()
-        if self.printed and done < self.total and now - self.last < PLAIN_EVERY_S:
+        last = done >= self.total and not label.startswith("…")  # a "…" label says where a unit is: never forced
+        if self.printed and not last and now - self.last < PLAIN_EVERY_S:
             return
         self.printed, self.last = True, now
         parts = [self.what, label, f"{done}/{self.total}", info, f"({now - self.start:.0f} s)"]
@@ -56,7 +57,7 @@ def task_progress(gl: Globals, total: int, what: str) -> Iterator:
             nonlocal done
             if not label.startswith("…"):
                 done += 1
-                plain.update(done, label)
+            plain.update(done, label)  # "…" labels (where a long unit of work is) too, at most every 10 s
 
         yield advance_plain
         return

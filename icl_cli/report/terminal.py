@@ -22,7 +22,7 @@ def heatmap(title: str, data: np.ndarray, rows: Sequence[str], cols: Sequence[st
     finite = data[np.isfinite(data)]
     lo = float(finite.min()) if lo is None and finite.size else (lo or 0.0)
     hi = float(finite.max()) if hi is None and finite.size else (hi if hi is not None else 1.0)
-    tab = Table(title=title, caption=(caption + " " if caption else "") + f"(shade: {lo:.{digits}f} dark … {hi:.{digits}f} bright)",
+    tab = Table(title=Text(title), caption=Text((caption + " " if caption else "") + f"(shade: {lo:.{digits}f} dark … {hi:.{digits}f} bright)"),
                 caption_justify="left", show_lines=False, pad_edge=False)
     tab.add_column("")
     for c in cols:
@@ -56,8 +56,10 @@ def compact_heatmap(title: str, data: np.ndarray, rows: Sequence[str], cols: Seq
     head = Text()
     for k, c in enumerate(cols):
         head.append(f"{str(c):<2}"[:2] if k % 5 == 0 else "  ")
-    tab = Table(title=title, caption=(caption + " " if caption else "") + f"(shade: {lo:.2f} dark … {hi:.2f} bright; ** best)",
-                caption_justify="left", pad_edge=False)
+    from rich import box
+
+    tab = Table(title=Text(title), caption=Text((caption + " " if caption else "") + f"shade: {lo:.2f} dark to {hi:.2f} bright; ** best"),
+                caption_justify="left", pad_edge=False, box=box.SIMPLE_HEAD)
     tab.add_column("")
     tab.add_column(head, no_wrap=True)
     for name in (extra or {}):
@@ -84,7 +86,7 @@ class Fit:
     def __rich_console__(self, console, options):
         from rich.measure import Measurement
 
-        need = Measurement.get(console, options, self.wide).maximum
+        need = Measurement.get(console, options.update(max_width=100_000), self.wide).maximum  # unclamped
         yield self.wide if need <= options.max_width else self.narrow
 
 

@@ -84,13 +84,14 @@ class CollectRenderer(Renderer):
         names = list(tasks)
         gap = np.stack([gap_closed(tasks[t]) for t in names])
         best = [layers.index(tasks[t]["best_layer"]) if tasks[t]["best_layer"] in layers else None for t in names]
-        extra = {"0-shot": [fmt(tasks[t]["zero_shot_nll"], 2) for t in names],
-                 "best layer": [str(tasks[t]["best_layer"]) for t in names],
-                 "with TV": [fmt(tasks[t]["tv_nll"][b], 2) if b is not None else "–" for t, b in zip(names, best)],
-                 "few-shot": [fmt(tasks[t]["few_shot_nll"], 2) for t in names]}
+        extra = {"best": [str(tasks[t]["best_layer"]) for t in names],
+                 "0-shot": [fmt(tasks[t]["zero_shot_nll"], 2) for t in names],
+                 "+TV": [fmt(tasks[t]["tv_nll"][b], 2) if b is not None else "–" for t, b in zip(names, best)],
+                 "few": [fmt(tasks[t]["few_shot_nll"], 2) for t in names]}
         narrow = compact_heatmap("share of the 0-shot → few-shot nll gap closed by the task vector at resid_pre[layer]",
                                  np.clip(gap, 0, 1), names, layers, lo=0.0, hi=1.0, marks=best, extra=extra,
-                                 caption="columns: layers; nll in nats on held-out queries;")
+                                 caption="columns: layers; best: the best layer, 0-shot / +TV (at the best layer) / few: "
+                                         "nll in nats on held-out queries;")
         return Fit(table.to_rich(), narrow)
 
     @staticmethod
