@@ -24,7 +24,7 @@ from torch import Tensor
 from icl_cli.dictionaries import gated, jumprelu, standard, topk  # noqa: F401  (registers the architectures)
 from icl_cli.dictionaries.authors import is_authors_file, read_authors
 from icl_cli.dictionaries.base import DictConfig, Dictionary, build
-from icl_cli.core.errors import IclError
+from icl_cli.core.errors import IclError, IntegrityError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -100,13 +100,14 @@ def saelens_cfg(d: Dictionary) -> dict[str, Any]:
 def save_saelens(d: Dictionary, folder: Path | str, sparsity: Tensor | None = None, save_file=None) -> Path:
     """Write `d` as a SAELens folder. sparsity: [d_sae] log10 firing frequency.
 
-    save_file(path, tensors, metadata) lets the store add its own safetensors metadata.
+    save_file(path, tensors, metadata) lets the store add its own safetensors metadata. Identical
+    dictionaries give identical files (canonical safetensors headers: store/tensorfile.py).
     """
-    from safetensors.torch import save_file as st_save
+    from icl_cli.store import tensorfile
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write = save_file or (lambda name, tensors, metadata=None: st_save(tensors, str(folder / name), metadata=metadata))
+    write = save_file or (lambda name, tensors, metadata=None: tensorfile.save(folder / name, tensors, metadata))
     (folder / CFG_FILE).write_text(json.dumps(saelens_cfg(d), indent=2))
     write(WEIGHTS_FILE, d.saelens_state())
     if sparsity is not None:
@@ -115,9 +116,22 @@ def save_saelens(d: Dictionary, folder: Path | str, sparsity: Tensor | None = No
 
 
 # ---- reading ------------------------------------------------------------------------------
-def from_saelens(cfg: dict[str, Any], state: dict[str, Tensor], **overrides) -> Dictionary:
-    """Our dictionary from a SAELens config dict and state dict (weights in model space)."""
+def check_finite(state: dict[str, Tensor], where: str) -> None:
+    """IclError naming the first tensor holding NaN or ±inf (such weights only fail much later)."""
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+            n = int((~torch.isfinite(t)).sum())
+            kind = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise IclError(f"{where}: tensor {name} holds {n} non-finite value(s) ({kind} at index {bad}); "
+                           "the SAE is damaged or diverged in training, so it is not used")
+
+
+def from_saelens(cfg: dict[str, Any], state: dict[str, Tensor], where: str = "the SAE", **overrides) -> Dictionary:
+    """Our dictionary from a SAELens config dict and state dict (weights in model space); ``where``
+    names the source in errors."""
     _check_sizes(cfg)
+    check_finite(state, where)
     arch_sl = cfg.get("architecture", "standard")
     if arch_sl not in _FROM_SAELENS:
         raise IclError(f"SAELens architecture {arch_sl!r} is not supported; supported: {', '.join(_FROM_SAELENS)}")
@@ -182,7 +196,7 @@ def read_saelens_folder(folder: Path, **overrides) -> Dictionary:
         raise IclError(f"{cfg_path} is not valid JSON ({exc.msg})") from None
     except UnicodeDecodeError:
         raise IclError(f"{cfg_path} is not UTF-8 text; it should be a SAELens JSON config") from None
-    return from_saelens(cfg, load_file(str(w_path)), **overrides)
+    return from_saelens(cfg, load_file(str(w_path)), where=str(w_path), **overrides)
 
 
 def read_sparsity(folder: Path) -> Tensor | None:
@@ -261,6 +275,8 @@ def load_dictionary(src: Any, store: Any = None) -> Dictionary:
     if store is not None:
         try:
             return load_dictionary(store.resolve(str(src)))
+        except IntegrityError:
+            raise  # a damaged artifact is not "no such SAE"
         except IclError:
             pass
     split = _split_release(str(src))
@@ -288,6 +304,7 @@ def _read_file(path: Path) -> Dictionary:
 def import_sae(src: Path | str, dest: Path, sparsity: bool = True) -> dict[str, Any]:
     """Write the SAE at `src` (any readable form) into `dest` as a SAELens folder; return its params."""
     d = load_dictionary(src)
+    check_finite(d.saelens_state(), str(src))  # authors' files too (read without from_saelens)
     sp = None
     p = Path(src)
     if p.is_dir() and (p / SPARSITY_FILE).exists() and sparsity:
