@@ -13,8 +13,9 @@ rounds of
              down to the executors);
   frozen     the default estimand (frozen attention pattern, the paper's), batched.
 Prints each time, the ratios time / time(loop) (target ≤ 0.1), the largest difference between
-the ablation estimand batched and looped, and last `link_batched_over_loop: RATIO`, the larger
-of the two batched ratios.
+the ablation estimand batched and looped, the time of block l's MLP alone on the same tokens
+(the frozen-attention estimand must run it at every token for every (task, detector): its
+floor), and last `link_batched_over_loop: RATIO`, the larger of the two batched ratios.
 """
 
 from __future__ import annotations
@@ -103,7 +104,21 @@ def main() -> None:
     dets = top(det_sae, acts[Site("resid_pre", a.layer)], a.detectors)
     exes = top(exe_sae, acts[Site("resid_pre", a.layer + 1)], a.executors)
 
+    from icl_cli.core.arch import locate
+
+    loc = locate(lm.model)
+    blk = loc.blocks[a.layer]
+    mlp_norm = blk.block.get_submodule(loc.spec.mlp_norm)
+    resids = [hm.run(b.input_ids, b.attention_mask, read=[f"resid_pre.{a.layer}"], stop_after=a.layer).acts[f"resid_pre.{a.layer}"]
+              for b in (encode_prompts(lm.tokenizer, few_shot_prompts(t, p)) for t in tasks)]
+
+    def mlp_only():  # block l's pre-MLP norm and MLP, once per (task, detector), on that task's tokens
+        for x in resids:
+            for _ in dets:
+                blk.mlp(mlp_norm(x))
+
     methods = {
+        "mlp": mlp_only,
         "loop": lambda: loop_link(hm, lm.tokenizer, tasks, det_sae, dets, exe_sae, exes, p),
         "ablation": lambda: run_link(hm, lm.tokenizer, tasks, det_sae, dets, exe_sae, exes, p),
         "frozen": lambda: run_frozen_link(hm, lm.tokenizer, tasks, det_sae, dets, exe_sae, exes, p),
@@ -126,7 +141,7 @@ def main() -> None:
     t_loop = statistics.median(times["loop"])
     ratios = {}
     for m, label in (("loop", "per-detector loop (previous version)"), ("ablation", "ablation estimand, batched"),
-                     ("frozen", "frozen-attention estimand, batched")):
+                     ("frozen", "frozen-attention estimand, batched"), ("mlp", "floor: block l's MLP alone, same tokens")):
         t = statistics.median(times[m])
         ratios[m] = t / t_loop
         per_round = statistics.median(x / y for x, y in zip(times[m], times["loop"]))

@@ -43,7 +43,7 @@ ESTIMANDS = ("frozen-attention", "ablation")
 PASS_BYTES = {"cpu": 32 * 2**20, "other": 2 * 2**30}
 """Activation memory one batched pass may use (sizes ``detectors_per_pass`` when not given). On a
 CPU, passes that stay near the caches are quicker than large ones (toy-icl: 2 detectors of 16
-prompts per pass took 0.8× the time of 16 per pass); an accelerator wants large passes."""
+prompts per pass took 0.6–0.85× the time of 16 per pass); an accelerator wants large passes."""
 
 
 @dataclass
