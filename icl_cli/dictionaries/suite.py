@@ -2,6 +2,7 @@
 mlp_in -> mlp_out, addressed by one name (what `icl circuit --saes SUITE` reads, SPEC §7).
 
     suite = load_suite("toy-icl-suite", store)    # Suite: {("resid", 3): Dictionary, ...}
+    suite = load_suite("smollm2-suite", store)    # SmolLM2-135M: resid, attn, transcoder at 19-21
     suite = load_suite("path/to/folder", store)   # a folder of the same layout
     suite = load_suite("my-suite", store)         # a suite imported with `icl store import-suite`
     suite[("attn", 7)]                            # missing: IclError naming what the suite has
@@ -39,7 +40,10 @@ KIND_SITE = {"resid": "resid_pre", "attn": "attn_out", "transcoder": "transcoder
 MANIFEST = "manifest.json"
 SUITE_FILE = "suite.json"
 """The suite manifest inside a suite artifact (the store keeps manifest.json for itself)."""
-BUNDLED = {"toy-icl-suite": Path(__file__).resolve().parent.parent / "zoo" / "toy-icl-suite"}
+_ZOO = Path(__file__).resolve().parent.parent / "zoo"
+BUNDLED = {"toy-icl-suite": _ZOO / "toy-icl-suite", "smollm2-suite": _ZOO / "smollm2-suite"}
+"""Suites shipped with icl: the toy model's (every layer) and SmolLM2-135M's (layers 19-21)."""
+TRAIN_SCRIPT = {"toy-icl-suite": "scripts/toy_saes.sh", "smollm2-suite": "python -m icl_cli.zoo.smollm2_suite"}
 STEP = "suite"
 VERSION = 1
 
@@ -133,7 +137,7 @@ def _resolve_folder(ref: str) -> Path | None:
     if ref in BUNDLED:
         if not (BUNDLED[ref] / MANIFEST).is_file():
             raise IclError(f"the bundled suite {ref} is missing from this installation ({BUNDLED[ref]}); "
-                           "reinstall icl or train it with scripts/toy_saes.sh")
+                           f"reinstall icl or train it with {TRAIN_SCRIPT[ref]}")
         return BUNDLED[ref]
     path = Path(ref).expanduser()
     return path.absolute() if path.is_dir() else None
