@@ -122,14 +122,24 @@ def _roots(out: Path) -> dict[str, str]:
             str(Path(tempfile.gettempdir()).resolve()): "$TMPDIR", str(Path.home()): "~"}
 
 
-def params_with_inputs(t: Table, inputs: dict[str, str], steps: dict[str, str]) -> Table:
-    """The parameters table with a parameter the user left unset (None) but whose artifact was
-    found as an input shown as that input, so it agrees with the lineage (not "sae None")."""
+def params_with_inputs(t: Table, lineage: dict) -> Table:
+    """The parameters table with a parameter the user left unset (None) shown as the artifact that
+    the lineage has under that name (an input, or an input's input), so it agrees with the
+    lineage: not "sae None" beside an SAE."""
+    found: dict[str, dict[str, str]] = {}
+
+    def walk(node: dict, depth: int) -> None:
+        for name, child in node.get("inputs", {}).items():
+            found.setdefault(name, {}).setdefault(child["key"], f"{child.get('step') or 'input'} {child['key'][:12]}"
+                                                  + (" (input)" if depth == 0 else " (an input's input)"))
+            walk(child, depth + 1)
+
+    walk(lineage or {}, 0)
     rows = []
     for name, value in t.rows:
-        if value == "None" and name in inputs:
-            key = inputs[name]
-            value = f"{steps.get(key, 'input')} {key[:12]} (input)"
+        if value == "None" and name in found:
+            keys = found[name]
+            value = next(iter(keys.values())) if len(keys) == 1 else f"{len(keys)} artifacts (see the lineage)"
         rows.append([name, value])
     return Table(t.title, t.columns, rows, t.caption, t.align)
 
@@ -189,10 +199,8 @@ def _section(sec: Section, rep, out: Path, index: int, shown: dict) -> str:
         refs = ", ".join(dict.fromkeys(f"<a href='#s{shown[(c.sae, c.feature)]}'>{_e(c.feature)}</a>" for c in again))
         parts.append(f"<p class='caption'>Max-activating contexts of {_e(c_titles(again))}: features {refs}, shown "
                      "above.</p>")
-    inputs = (rep.lineage.get(sec.key) or {}).get("inputs", {})
     for t in params:
-        t = params_with_inputs(t, {k: v["key"] for k, v in inputs.items()},
-                               {v["key"]: v.get("step") or "input" for v in inputs.values()})
+        t = params_with_inputs(t, rep.lineage.get(sec.key) or {})
         roots = _roots(out)
         t = Table(t.title, t.columns, [[k, display_value(v, roots)] for k, v in t.rows], t.caption, t.align)
         parts.append("<details><summary>Parameters</summary>" + t.to_html() + "</details>")

@@ -82,7 +82,9 @@ def link_match(own_m: float, other_m: float, n_own: int) -> str:
 
     if not n_own or own_m != own_m:
         return judge("cannot detect", "no own-task (detector, executor) pair fired on the clean prompts")
-    d_own, d_other = 1 - own_m, 1 - other_m if other_m == other_m else 0.0
+    if other_m != other_m:
+        return judge("partly", f"own pairs keep {own_m:.3f} of their activation; no other-task pair to compare")
+    d_own, d_other = 1 - own_m, 1 - other_m
     level = "yes" if d_own >= 0.1 and d_own >= 2 * max(d_other, 0) else "partly" if d_own > d_other + 0.02 else "no"
     return judge(level, f"own pairs keep {own_m:.3f} of their activation, others {other_m:.3f}")
 
