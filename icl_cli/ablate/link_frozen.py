@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from icl_cli.ablate.feature_ablation import AblateParams, few_shot_prompts
-from icl_cli.ablate.link import (check_link_saes, feature_encoder, own_matrix, per_pass, task_weights,
+from icl_cli.ablate.link_parts import (check_link_saes, feature_encoder, own_matrix, per_pass, task_weights,
                                  unit_rows)
 from icl_cli.core.arch import locate
 from icl_cli.core.batch import encode_prompts
