@@ -170,7 +170,13 @@ def publish(staging: Path, final: Path, replace: bool = False, trash: Optional[P
                 os.rename(final, trash)
     try:
         try:
-            os.rename(staging, final)
+            try:
+                os.rename(staging, final)
+            except FileNotFoundError:
+                if not staging.exists():
+                    raise
+                final.parent.mkdir(parents=True, exist_ok=True)  # gc removed the empty fan-out folder
+                os.rename(staging, final)
         except OSError as exc:
             if final.exists():
                 return False  # another writer won the race (EEXIST / ENOTEMPTY)

@@ -49,6 +49,7 @@ _logger = logging.getLogger("icl")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
 _HEX_RE = re.compile(r"^[0-9a-f]+$")
 MIN_PREFIX = 6
+_REUSE_ADVICE = "pass --force to recompute it"
 
 __all__ = ["Build", "Log", "Store", "check_name"]
 
@@ -133,8 +134,10 @@ class Store:
         return art
 
     def lookup(self, spec: StepSpec) -> Artifact | None:
-        """The artifact ``spec`` would produce, if it was already produced."""
-        return self.get(self.bind(spec).key)
+        """The artifact ``spec`` would produce, if it was already produced (checked like a reused
+        result: a damaged one is an IntegrityError, not a result)."""
+        art = self.get(self.bind(spec).key)
+        return None if art is None else self.use(art, advice=_REUSE_ADVICE)
 
     def run(self, spec: StepSpec, build: Build, name: str | None = None, force: bool = False, log: Log | None = None) -> StepResult:
         """Reuse the artifact of ``spec``, or run ``build`` in a staging folder and publish it.
@@ -166,7 +169,7 @@ class Store:
     def _reuse(self, spec: StepSpec, name: str | None, say: Log) -> Artifact | None:
         art = self.get(spec.key)
         if art is not None:
-            self.use(art, advice="pass --force to recompute it")
+            self.use(art, advice=_REUSE_ADVICE)
             say(f"reusing {spec.key[:12]} (step {spec.step}); pass --force to recompute")
             if name is not None:
                 self.tag(art, name)
