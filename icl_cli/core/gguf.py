@@ -110,7 +110,7 @@ def read_header(path: Path) -> Header:
     size = path.stat().st_size
     try:
         fields, tensors, data_start = _parse(path)
-    except (EOFError, ValueError, UnicodeDecodeError) as exc:
+    except (EOFError, ValueError, UnicodeDecodeError, OverflowError, OSError) as exc:
         raise IclError(f"{path} is truncated or corrupt ({size} bytes; {_first_line(exc)}); download it again") from None
     qtypes = {}
     end = data_start
