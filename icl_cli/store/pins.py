@@ -14,6 +14,8 @@
    under ``LOCK_EX``. A reader that pins, then finds its artifact still there, is safe; if gc
    moved it first, the reader sees it gone (the store then says so) instead of losing it later.
 4. ``gc`` skips the pins of its own process (a test that resolves, then collects in-process).
+5. A process that reads from many stores (a test session) keeps at most ``MAX_STORES`` pin files
+   open; the least recently used one is closed (its pins end) beyond that.
 
 Without ``fcntl`` (Windows) or flock there are no pins: gc then relies on its grace period alone.
 """
@@ -37,8 +39,10 @@ PINS = ".pins"
 _GATE = ".lock"
 _SUFFIX = ".pin"
 
+MAX_STORES = 64
+
 _guard = threading.Lock()
-_own: dict[str, tuple[int, int, Path, set[str]]] = {}  # pins folder -> (pid, fd, file, keys pinned)
+_own: dict[str, tuple[int, int, Path, set[str]]] = {}  # pins folder -> (pid, fd, file, keys pinned), LRU order
 
 
 def _folder(root: Path) -> Path:
@@ -71,7 +75,16 @@ def _own_file(folder: Path) -> tuple[int, Path, set[str]]:
     """This process's locked pin file in ``folder`` (created on first use; a forked child makes its own)."""
     entry = _own.get(str(folder))
     if entry is not None and entry[0] == os.getpid():
+        _own[str(folder)] = _own.pop(str(folder))  # most recently used last
         return entry[1], entry[2], entry[3]
+    while len(_own) >= MAX_STORES:
+        _, (pid, fd, path, _) = next(iter(_own.items()))
+        del _own[next(iter(_own))]
+        if pid == os.getpid():
+            with contextlib.suppress(OSError):
+                path.unlink()
+            with contextlib.suppress(OSError):
+                os.close(fd)
     name = f"{os.getpid()}.{secrets.token_hex(4)}"
     tmp = folder / f"{name}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)

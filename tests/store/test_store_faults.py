@@ -318,3 +318,15 @@ def test_a_full_disk_is_one_line_exit_1_and_a_damaged_file_exit_3(store, make, m
     monkeypatch.setattr(Store, "artifacts", damaged_st)
     res = CliRunner().invoke(app, ["--store", str(store.root), "store", "ls"])
     assert res.exit_code == 3 and "safetensors file is damaged" in res.output and "internal error" not in res.output
+
+
+def test_a_process_keeps_pin_files_open_in_few_stores_only(tmp_path, make, monkeypatch):
+    from icl_cli.store import pins
+
+    monkeypatch.setattr(pins, "MAX_STORES", 2)
+    stores = [Store(tmp_path / f"s{i}") for i in range(3)]
+    for s in stores:
+        s.resolve(make(s, layer=1).key)
+    mine = lambda s: [p for p in (s.root / ".pins").glob("*.pin") if p.name.startswith(f"{os.getpid()}.")]  # noqa: E731
+    assert [len(mine(s)) for s in stores] == [0, 1, 1]  # the least recently used one was let go
+    assert pins.own_pins(stores[0].root) == set() and len(pins.own_pins(stores[2].root)) == 1
