@@ -21,20 +21,25 @@ MAX_LINK = 40
 PAPER_MASS = {"executor": ("arrow", 89.8, 12), "detector": ("output", 96.8, 11)}
 
 
-def _feature_tasks(art, which: str = "features0") -> dict[int, str]:
-    """feature id -> the first task whose set holds it, from the steer artifact of input ``which``
-    (the detectors' and the executors' ids belong to different SAEs, so each is read apart): the
-    rule's selection, or the kept features when the artifact measured those (``set`` kept)."""
+def _feature_tasks(art, which: str = "features0") -> dict[int, list[str]]:
+    """feature id -> the tasks whose set holds it, from the steer artifact of input ``which`` (the
+    detectors' and the executors' ids belong to different SAEs, so each is read apart): the rule's
+    selection, or the kept features when the artifact measured those (``set`` kept)."""
     from icl_cli.ablate.feature_sets import read_steer
 
-    out: dict[int, str] = {}
+    out: dict[int, list[str]] = {}
     src = art.store.get(art.inputs.get(which, "")) if art.inputs.get(which) else None
     if src is not None and src.step == "steer":
         r = read_steer(src.file("steer.h5"))
         for t, ids in (r.kept if art.params.get("set") == "kept" else r.selected).items():
             for f in ids:
-                out.setdefault(int(f), t)
+                out.setdefault(int(f), []).append(t)
     return out
+
+
+def _tasks_text(tasks: list[str], label=str) -> str:
+    """'antonyms' or 'antonyms +2' (a feature several tasks hold)."""
+    return label(tasks[0]) + (f" +{len(tasks) - 1}" if len(tasks) > 1 else "")
 
 
 def _what(art) -> tuple[str, str | None]:
@@ -91,7 +96,7 @@ def link_match(own_m: float, other_m: float, n_own: int) -> str:
 
 @register("ablate")
 class AblateRenderer(Renderer):
-    version = 2
+    version = 3
 
     def build(self, art, out: Path | None) -> Section:
         kind = art.params.get("kind")
@@ -288,8 +293,8 @@ class AblateRenderer(Renderer):
         dnames, enames = _feature_tasks(art, "features0"), _feature_tasks(art, "features1")
         pairs = [(i, j) for i in range(len(r.detectors)) for j in range(len(r.executors)) if bool(r.own[i, j])]
         pairs.sort(key=lambda ij: float(np.nan_to_num(ratio[ij], nan=np.inf)))  # the most affected pairs first
-        rows = [[f"{r.detectors[i]}" + (f" ({dnames[r.detectors[i]]})" if r.detectors[i] in dnames else ""),
-                 f"{r.executors[j]}" + (f" ({enames[r.executors[j]]})" if r.executors[j] in enames else ""),
+        rows = [[f"{r.detectors[i]}" + (f" ({_tasks_text(dnames[r.detectors[i]])})" if r.detectors[i] in dnames else ""),
+                 f"{r.executors[j]}" + (f" ({_tasks_text(enames[r.executors[j]])})" if r.executors[j] in enames else ""),
                  fmt(float(ratio[i, j]), 3), "yes"] for i, j in pairs]
         sec.tables.append(Table("own-task pairs: executor activation at the arrows after / before the detector's removal "
                                 "(most affected first)", ["detector", "executor", "after / before", "own"], rows, align="llrl"))
@@ -311,7 +316,8 @@ class AblateRenderer(Renderer):
         ri = np.argsort(low.min(1), kind="stable")[:MAX_LINK]  # the detectors and executors most affected
         ci = np.argsort(low.min(0), kind="stable")[:MAX_LINK]
         # ordered by their task (the paper's task groups), so each task's features sit together
-        by_task = lambda ids, nm: lambda k: (rank.get(nm.get(ids[k]), len(rank)), str(nm.get(ids[k])), ids[k])  # noqa: E731
+        first = lambda f, nm: (nm.get(f) or [None])[0]  # noqa: E731
+        by_task = lambda ids, nm: lambda k: (rank.get(first(ids[k], nm), len(rank)), str(first(ids[k], nm)), ids[k])  # noqa: E731
         ri = np.array(sorted(ri, key=by_task(r.detectors, dnames)), dtype=int)
         ci = np.array(sorted(ci, key=by_task(r.executors, enames)), dtype=int)
         shown = "" if len(ri) == len(r.detectors) and len(ci) == len(r.executors) else \
@@ -319,7 +325,7 @@ class AblateRenderer(Renderer):
         own = r.own.numpy()[np.ix_(ri, ci)]
         change = ratio[np.ix_(ri, ci)] - 1.0  # 0: no effect; −1: the executor went silent
         dets, exes = [r.detectors[i] for i in ri], [r.executors[j] for j in ci]
-        lab = lambda f, nm: f"{f} ({task_label(nm[f])})" if f in nm else f"{f} (no task)"  # noqa: E731
+        lab = lambda f, nm: f"{f} ({_tasks_text(nm[f], task_label)})" if f in nm else f"{f} (no task)"  # noqa: E731
         rows, cols = [lab(d, dnames) for d in dets], [lab(e, enames) for e in exes]
         room = 2.4 + 0.075 * max(map(len, rows)) + 1.4
         w = room + min(0.24 * len(cols), MAX_WIDTH_IN - room)
@@ -328,6 +334,12 @@ class AblateRenderer(Renderer):
                 annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
         ax.tick_params(axis="x", labelsize=tick_size(len(cols), w - room))
         ax.tick_params(axis="y", labelsize=tick_size(len(rows), 0.26 * len(rows)))
+        for k in range(1, len(dets)):  # lines between the detectors (executors) of different tasks
+            if first(dets[k], dnames) != first(dets[k - 1], dnames):
+                ax.axhline(k - 0.5, color="tab:gray", lw=0.8)
+        for k in range(1, len(exes)):
+            if first(exes[k], enames) != first(exes[k - 1], enames):
+                ax.axvline(k - 0.5, color="tab:gray", lw=0.8)
         n_out = 0
         if own.mean() < 0.5:  # outlining most cells would show nothing
             for i, j in zip(*np.nonzero(own)):
@@ -341,5 +353,6 @@ class AblateRenderer(Renderer):
         files = save(fig, out, f"ablate-{art.key[:8]}-link")
         return Figure("Detector → executor link matrix", "Each executor's summed activation at the arrows of its tasks' "
                       "prompts after a detector's direction is removed at the output tokens, divided by the clean one, "
-                      "minus 1 (SPEC §8): 0 (white) no effect, red a drop, blue a rise; features ordered by their task. "
-                      "Outlined: pairs of the same task.", files)
+                      "minus 1 (SPEC §8): 0 (white) no effect, red a drop, blue a rise; features ordered by their "
+                      "(first) task, grey lines between tasks, \"+k\": k more tasks hold the feature. Outlined: pairs "
+                      "of the same task.", files)

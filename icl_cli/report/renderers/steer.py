@@ -35,7 +35,7 @@ def specificity_match(mode: str, n_spec: int, n_sel: int, n: int) -> str:
 
 @register("steer")
 class SteerRenderer(Renderer):
-    version = 2
+    version = 3
 
     def build(self, art, out: Path | None) -> Section:
         from icl_cli.steer.heatmaps import read_h5, summary_json
@@ -181,7 +181,12 @@ class SteerRenderer(Renderer):
             other_curve = np.array([acc[:, :, k][~own_t.T].mean() if (~own_t).any() else np.nan for k in range(len(sc))])
             ax.plot(sc, own_curve, marker="o", color="tab:red", label="own task's features")
             ax.plot(sc, other_curve, marker="o", color="tab:blue", label="other tasks' features")
-            ax.axhline(float(r.base_acc.mean()), color="tab:green", ls=":", label="unsteered")
+            # unsteered accuracy over the same (task, feature) cells as each curve: tasks differ in accuracy
+            base = np.broadcast_to(r.base_acc.numpy()[:, None], own_t.T.shape)  # [T, F]
+            if own_t.any():
+                ax.axhline(float(base[own_t.T].mean()), color="tab:red", ls=":", lw=1.2, label="unsteered, same cells as own")
+            if (~own_t).any():
+                ax.axhline(float(base[~own_t.T].mean()), color="tab:blue", ls=":", lw=1.2, label="unsteered, same cells as other")
             plain_log_axis(ax, "x")
             ax.set_xlabel("scale s of the subtracted feature direction")
             ax.set_ylabel("accuracy at every arrow")
