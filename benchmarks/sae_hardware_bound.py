@@ -16,19 +16,31 @@ For each architecture, three things are timed in turn (interleaved, medians):
   product for the activations' gradient, and the two sparse-dense weight-gradient products
   (gated: a second gather and sampled product).
 
+* selection: finding the active entries of a sparse step, which is no product but a pass over
+  the [B, F] pre-activations (a compare and ``Pattern.of``: the word-wise nonzero, bincounts and
+  the column sort), timed on a [B, F] matrix with the step's own active entries.
+
 Printed ratios: step / dense products and step / sparse products (1.0 would be the hardware
-limit of that formulation; element-wise work, selection and Adam make up the rest). Sparsity as
+limit of that formulation; element-wise work, selection and Adam make up the rest), and the
+selection's share of the step. The last line is the largest step / unavoidable products over the
+architectures, the products being the sparse ones where the step is sparse, else the dense ones. Sparsity as
 in sae_train_speed.py: `--l0` (default 32) sets biases so L0 ≈ l0; `--l0 0` keeps init density.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
 
-import torch
+from icl_cli.core.threads import WAIT_POLICY
+
+for _var, _value in WAIT_POLICY.items():  # idle OpenMP workers sleep, as under `icl` (read when torch loads)
+    os.environ.setdefault(_var, _value)
+
+import torch  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +60,7 @@ def main() -> None:
     from sae_train_speed import batches_for, set_sparsity
 
     from icl_cli.dictionaries import DictConfig, build
-    from icl_cli.dictionaries.sparse_train import Pattern
+    from icl_cli.dictionaries.sparse_train import SPARSE_MAX_DENSITY, Pattern
     from icl_cli.train_sae.trainer import make_optimizer
 
     dev = torch.device("cpu")
@@ -56,7 +68,8 @@ def main() -> None:
     batches = batches_for(d_in, B, dev)
     print(f"cpu, d_in {d_in}, d_sae {d_sae}, batch {B}, k {args.k}, target L0 {args.l0 or 'initial'}, "
           f"threads {torch.get_num_threads()}")
-    print(f"{'arch':10s} {'L0':>7s} {'step ms':>8s} {'dense mm':>9s} {'sparse mm':>10s} {'step/dense':>11s} {'step/sparse':>12s}")
+    print(f"{'arch':10s} {'L0':>7s} {'step ms':>8s} {'dense mm':>9s} {'sparse mm':>10s} {'step/dense':>11s} {'step/sparse':>12s} {'selection':>9s}")
+    worst = 0.0
     for arch in args.archs.split(","):
         d = build(DictConfig(d_in=d_in, d_sae=d_sae, arch=arch, k=args.k))
         with torch.no_grad():
@@ -95,18 +108,28 @@ def main() -> None:
             pat.t_times(vals, g_out)
             pat.t_times(vals, xin)
 
-        fns = {"step": step, "dense": dense_products, "sparse": sparse_products}
+        marked = torch.full((B, d_sae), -1.0)
+        marked.view(-1)[pat.row * d_sae + pat.col] = 1.0
+
+        def selection():
+            Pattern.of(marked > 0)
+
+        fns = {"step": step, "dense": dense_products, "sparse": sparse_products, "select": selection}
         times = {k: [] for k in fns}
         names = list(fns)
         for i in range(args.repeats + 1):
-            for name in names[i % 3:] + names[: i % 3]:  # rotate the order
+            for name in names[i % len(names):] + names[: i % len(names)]:  # rotate the order
                 t0 = time.perf_counter()
                 fns[name]()
                 if i:
                     times[name].append(time.perf_counter() - t0)
-        s, dn, sp = (statistics.median(times[k]) for k in names)
+        s, dn, sp, sel = (statistics.median(times[k]) for k in names)
         l0 = len(pat.col) / B
-        print(f"{arch:10s} {l0:7.1f} {s * 1e3:8.1f} {dn * 1e3:9.1f} {sp * 1e3:10.1f} {s / dn:10.2f}x {s / sp:11.2f}x", flush=True)
+        sparse_step = len(pat.col) <= SPARSE_MAX_DENSITY * B * d_sae or arch == "topk"
+        worst = max(worst, s / (sp if sparse_step else dn))
+        print(f"{arch:10s} {l0:7.1f} {s * 1e3:8.1f} {dn * 1e3:9.1f} {sp * 1e3:10.1f} {s / dn:10.2f}x {s / sp:11.2f}x "
+              f"{sel / s:9.0%}", flush=True)
+    print(f"sae_step_over_products: {worst:.2f}")
 
 
 if __name__ == "__main__":

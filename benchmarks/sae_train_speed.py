@@ -19,10 +19,16 @@ printed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
-import torch
+from icl_cli.core.threads import WAIT_POLICY
+
+for _var, _value in WAIT_POLICY.items():  # idle OpenMP workers sleep, as under `icl` (read when torch loads)
+    os.environ.setdefault(_var, _value)
+
+import torch  # noqa: E402
 
 
 def saelens_sae(arch: str, d_in: int, d_sae: int, k: int, device: str):

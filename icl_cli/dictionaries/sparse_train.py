@@ -37,6 +37,22 @@ def _csr(crow: Tensor, col: Tensor, vals: Tensor, shape: tuple[int, int]) -> Ten
         return torch.sparse_csr_tensor(crow, col, vals, shape, check_invariants=False)
 
 
+def _nonzero(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, col) of the true entries of a [B, F] bool mask, row-major, as ``mask.nonzero()``.
+
+    At a trained density (≈1% true) ``nonzero`` over the whole [B, F] is the slowest part of a
+    sparse step after the encoder product. Read as 8-byte words, the mask has 8× fewer entries and
+    most words are zero: ``nonzero`` over the words, then over the 8 bytes of each nonzero word
+    (3× faster on CPU at B 2048, F 4096, L0 32; same order: words row-major, bytes in order)."""
+    B, n_feat = mask.shape
+    if n_feat % 8 or not mask.is_contiguous() or mask.dtype != torch.bool:
+        return mask.nonzero().unbind(1)
+    words = mask.view(torch.int64)  # [B, F / 8]: a bool is one byte
+    wr, wc = (words != 0).nonzero().unbind(1)
+    i, k = mask.view(B, n_feat // 8, 8)[wr, wc].nonzero().unbind(1)  # [n_words, 8] -> (word, byte)
+    return wr[i], wc[i] * 8 + k
+
+
 @dataclass
 class Pattern:
     """Positions of the S entries of a [B, F] matrix, row-major, with a column-major view."""
@@ -56,7 +72,7 @@ class Pattern:
     @classmethod
     def of(cls, mask: Tensor) -> "Pattern":
         B, n_feat = mask.shape
-        row, col = mask.nonzero().unbind(1)
+        row, col = _nonzero(mask)
         crow = torch.zeros(B + 1, dtype=torch.long, device=mask.device)
         torch.cumsum(torch.bincount(row, minlength=B), 0, out=crow[1:])
         ccol = torch.zeros(n_feat + 1, dtype=torch.long, device=mask.device)
