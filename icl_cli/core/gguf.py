@@ -351,16 +351,24 @@ def tokenizer_from_file(path: str | os.PathLike):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """No per-tensor progress bar from transformers (the command layer reports what happens)."""
+    """No per-tensor progress bar from transformers (the command layer reports what happens); its
+    GGUF reader calls tqdm directly, so that name is swapped for a disabled tqdm meanwhile."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as mg
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    was, bar = hf_logging.is_progress_bar_enabled(), getattr(mg, "tqdm", None)
     hf_logging.disable_progress_bar()
+    if bar is not None:
+        mg.tqdm = functools.partial(bar, disable=True)
     try:
         yield
     finally:
         if was:
             hf_logging.enable_progress_bar()
+        if bar is not None:
+            mg.tqdm = bar
 
 
 @contextlib.contextmanager

@@ -211,10 +211,11 @@ def gguf_source(name_or_path: str) -> Path | None:
     return None
 
 
-def resolve_source(name_or_path: str) -> tuple[str, bool]:
+def resolve_source(name_or_path: str, log=None) -> tuple[str, bool]:
     """(where to load from, is it a local folder) for a preset, a folder, a GGUF or a HF id.
 
-    A GGUF is converted into the store on first use (gguf.gguf_folder) and its folder returned."""
+    A GGUF is converted into the store on first use (gguf.gguf_folder, which says so through
+    ``log``) and its folder returned."""
     name = str(name_or_path).strip()
     if name == "toy-icl":
         if not (TOY_DIR / "config.json").is_file():
@@ -224,7 +225,7 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
     if file is not None:
         from icl_cli.core.gguf import gguf_folder
 
-        return str(gguf_folder(file)), True
+        return str(gguf_folder(file, log=log)), True
     if name in PRESETS:
         return PRESETS[name].hf_id, False
     path = Path(name).expanduser()
@@ -286,18 +287,20 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     offload_folder: str | None = None,
+    log=None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with frozen parameters.
 
     name_or_path: preset (PRESETS), local folder or HF id. device: see resolve_device (ignored
     when device_map is given: "auto" spreads a large model over the GPUs with accelerate, or a
     dict module name -> device | "cpu" | "disk"). Weights accelerate puts on "disk" go to
-    ``offload_folder`` (default: a temporary folder removed at exit).
+    ``offload_folder`` (default: a temporary folder removed at exit). log: where a first GGUF
+    conversion says that it runs (it takes seconds to a minute).
     """
     import torch
     import transformers as tr
 
-    source, local = resolve_source(name_or_path)
+    source, local = resolve_source(name_or_path, log=log)
     dev = resolve_device(device) if device_map is None else None
     torch_dtype = resolve_dtype(dtype, dev if dev is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 

@@ -73,7 +73,7 @@ class RunEnv:
         torch.manual_seed(self.seed)
         self.log(f"loading {model}")
         return load_model(model, device=self.device, dtype=self.dtype, device_map=self.device_map,
-                          trust_remote_code=self.trust_remote_code)
+                          trust_remote_code=self.trust_remote_code, log=self.log)
 
     def device_dtype(self) -> tuple[str, str]:
         """(str(device), str(dtype)) of a run here: without torch when certainly on the CPU
