@@ -134,3 +134,22 @@ def test_help_lists_commands_in_workflow_order():
              and line.split()[1] in {"pipeline", "collect", "train-sae", "clean", "steer", "ablate", "circuit", "report",
                                      "store"}]
     assert names == ["pipeline", "collect", "train-sae", "clean", "steer", "ablate", "circuit", "report", "store"]
+
+
+def test_pipeline_headings_count_steps_and_estimate_the_time_left(monkeypatch):
+    from icl_cli.cli import pipeline_cmd as pc
+
+    now, said = [0.0], []
+    monkeypatch.setattr(pc.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(pc, "log", lambda text, **kw: said.append(text))
+    say = pc._Clock(None, ["collect", "SAEs", "clean", "steer", "mass", "link", "report"])
+    say("collect: task vectors")
+    now[0] = 20.0  # collect took 20 s, its cost: the rest (SAEs 2, clean 80, steer 9, mass 6, link 170, report 16)
+    say("SAEs: the suite's")
+    assert said[0] == "== [0s] step 1 of 7: collect: task vectors"
+    assert said[1] == f"== [20s] step 2 of 7, about {20 * (2 + 80 + 9 + 6 + 170 + 16) / 20 / 60:.0f} min left: SAEs: the suite's"
+    now[0] = 100.0
+    say("ablate: detector → executor link")  # steer and mass were skipped: they leave the plan
+    assert said[2].startswith("== [100s] step 3 of 4, about ") and said[2].endswith("left: ablate: detector → executor link")
+    left = 100 * (170 + 16) / (20 + 2)
+    assert f"about {left / 60:.0f} min left" in said[2]
