@@ -96,7 +96,7 @@ def link_match(own_m: float, other_m: float, n_own: int) -> str:
 
 @register("ablate")
 class AblateRenderer(Renderer):
-    version = 3
+    version = 4
 
     def build(self, art, out: Path | None) -> Section:
         kind = art.params.get("kind")

@@ -79,18 +79,26 @@ def frozen_section(art, r, attrs: dict, out: Path | None) -> Section:
 
 
 def _task_figure(art, rows: list[str], cols: list[str], tm: np.ndarray, out: Path) -> Figure:
-    from icl_cli.report.figures import heatmap, heatmap_size, outline, plt, save, task_label
+    from icl_cli.report.figures import (group_order, group_separators, heatmap, heatmap_size, outline, outline_legend, plt,
+                                        save, task_label)
 
     p = plt()
+    ro, co = group_order(rows), group_order(cols)  # the paper's task groups, lines between them
+    rows, cols, tm = [rows[i] for i in ro], [cols[j] for j in co], np.asarray(tm)[np.ix_(ro, co)]
     rl, cl = [task_label(t) for t in rows], [task_label(t) for t in cols]
     fig, ax = p.subplots(figsize=heatmap_size(len(rl), len(cl), max(map(len, rl)), max(map(len, cl))))
-    heatmap(ax, tm, rl, cl, cmap="viridis", vmin=0.0, vmax=1.0, cbar="mean executor drop", fmt="{:.2f}")
+    heatmap(ax, tm, rl, cl, cmap="viridis", cbar="mean executor drop (colours: its range)")
+    group_separators(ax, rows, "y", color="tab:gray", lw=1.2)
+    group_separators(ax, cols, "x", color="tab:gray", lw=1.2)
+    n_out = 0
     for i, t in enumerate(rows):
         if t in cols:
             outline(ax, i, cols.index(t), "tab:red")
+            n_out += 1
+    outline_legend(ax, "tab:red", "detectors and executors of the same task", n_out, "no task has both")
     ax.set_xlabel("task of the executors")
     ax.set_ylabel("task of the detectors removed")
-    ax.set_title("Detector → executor link (frozen attention): mean drop per task pair")
+    ax.set_title("Detector → executor link (frozen attention): mean drop per task pair", pad=22)
     files = save(fig, out, f"ablate-{art.key[:8]}-link-tasks")
     return Figure("Detector → executor link by task", "Mean drop of the column task's executors, over every token where "
                   "they fire on the prompts of their tasks, when a detector of the row task is removed at every token and "
@@ -121,7 +129,7 @@ def _histogram_figure(art, r, out: Path) -> Figure:
 
 
 def _feature_figure(art, r, mean: np.ndarray, dlab: list[str], elab: list[str], out: Path) -> Figure:
-    from icl_cli.report.figures import heatmap, outline, plt, save
+    from icl_cli.report.figures import MAX_WIDTH_IN, heatmap, outline, outline_legend, plt, save, tick_size
 
     p = plt()
     score = np.nan_to_num(mean, nan=-1.0)
@@ -132,16 +140,22 @@ def _feature_figure(art, r, mean: np.ndarray, dlab: list[str], elab: list[str], 
     rows, cols = [dlab[i] for i in ri], [elab[j] for j in ci]
     shown = "" if len(ri) == len(r.detectors) and len(ci) == len(r.executors) else \
         f" ({len(ri)} of {len(r.detectors)} detectors × {len(ci)} of {len(r.executors)} executors: the most affected)"
-    w = 2.4 + 0.075 * max(map(len, rows)) + 0.24 * len(cols) + 1.0
-    fig, ax = p.subplots(figsize=(min(max(w, 6), 30), 1.8 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
-    heatmap(ax, m, rows, cols, cmap="viridis", vmin=0.0, vmax=1.0, cbar="mean executor drop",
+    room = 2.4 + 0.075 * max(map(len, rows)) + 1.4
+    w = room + min(0.24 * len(cols), MAX_WIDTH_IN - room)  # drawn at the width the page shows it
+    fig, ax = p.subplots(figsize=(max(w, 6), 2.3 + 0.075 * max(map(len, cols)) + 0.26 * len(rows)))
+    heatmap(ax, m, rows, cols, cmap="viridis", cbar="mean executor drop (colours: its range)",
             annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
+    ax.tick_params(axis="x", labelsize=tick_size(len(cols), w - room))
+    n_out = 0
     if own.mean() < 0.5:  # outlining most cells would show nothing
         for i, j in zip(*np.nonzero(own)):
             outline(ax, i, j, "tab:red")
+            n_out += 1
+    outline_legend(ax, "tab:red", "pairs of the same task", n_out,
+                   "most shown pairs share a task" if own.any() else "no shown pair shares a task")
     ax.set_xlabel("executor feature (its tasks)")
     ax.set_ylabel("detector feature removed (its tasks)")
-    ax.set_title("Detector → executor link (frozen attention): mean drop per pair" + shown, fontsize=10)
+    ax.set_title("Detector → executor link (frozen attention): mean drop per pair" + shown, fontsize=10, pad=22)
     files = save(fig, out, f"ablate-{art.key[:8]}-link")
     return Figure("Detector → executor link matrix", "Mean drop of each executor over the tokens where it fires on its "
                   "tasks' prompts, when the detector is removed at every token and block l runs with the clean attention "
