@@ -235,7 +235,7 @@ def write_index(out: Path, rep, arts: list) -> Path:
     shown: dict = {}
     sections = [_section(s, rep, out, i, shown) for i, s in enumerate(rep.sections)]
     body = [f"<h1>icl report{': ' + _e(', '.join(models)) if models else ''}</h1>",
-            f"<p class='meta'>{len(rep.sections)} artifacts; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+            f"<p class='meta'>{len(rep.sections)} artifacts reported; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
             f"Figures are PNG (click for full size) with an SVG beside each.</p>",
             f"<nav>{nav}</nav>", _headline(rep.headline, rep.setup)]
     body += sections

@@ -167,10 +167,18 @@ def test_cross_task_row_that_can_detect_is_judged(tmp_path):
     from icl_cli.report import build_report
 
     s = Store(tmp_path / "store")
-    # clean losses 1 and 2; own rises 0.5 and 1.0, others 0.1 and 0.2: own far above other -> yes
+    # clean losses 1 and 2; own rises 0.5 and 1.0, others 0.1 and 0.2: own far above other, but two
+    # own cells only: partly
     art = _cross(s, -torch.tensor([1.0, 2.0]), -torch.tensor([[1.5, 2.1], [1.2, 3.0]]), {"a": {"k": [10]}, "b": {"k": [11]}})
     row = build_report(s, [art.key]).headline[0]
-    assert row["match"].startswith("yes:") and "+0.750" in row["match"] and "+0.150" in row["match"]
+    assert row["match"].startswith("partly:") and "+0.750" in row["match"] and "+0.150" in row["match"]
+    assert "too few" in row["match"]
+    from icl_cli.report.renderers.ablate import cross_match
+
+    cs = {"own_mean": 0.75, "other_mean": 0.15, "n_own": 3, "cannot_detect": [], "empty_sets": []}
+    assert cross_match(cs).startswith("yes:")
+    assert cross_match({**cs, "other_mean": 0.5}).startswith("partly:")  # above the others, not twice
+    assert cross_match({**cs, "other_mean": 0.9}).startswith("no:")
 
 
 def test_cleaning_row_means_leave_out_empty_and_worse_than_none(tmp_path):

@@ -78,7 +78,11 @@ def cross_match(cs: dict) -> str:
     if other is None:
         return judge("partly", f"own tasks +{own:.3f} nats; no other-task cell to compare")
     level = "yes" if own > 0 and own >= 2 * max(other, 0) else "partly" if own > other else "no"
-    return judge(level, f"own {own:+.3f} vs other {other:+.3f} nats ({cs['n_own']} own cells)")
+    few = cs["n_own"] < 3  # a mean of one or two cells says little either way
+    if few and level == "yes":
+        level = "partly"
+    return judge(level, f"own {own:+.3f} vs other {other:+.3f} nats (own cells that can detect: {cs['n_own']}"
+                 + (", too few to say more" if few else "") + ")")
 
 
 def link_match(own_m: float, other_m: float, n_own: int) -> str:
