@@ -66,7 +66,8 @@ def test_ctrl_c_while_the_commands_load_prints_one_line(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, (ready + extra, err)
-        assert proc.returncode in (0, 130), (ready + extra, proc.returncode, err)
+        # -SIGINT: it came after the command was done, as the interpreter exited (nothing left to handle it)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (ready + extra, proc.returncode, err)
         assert len(err.strip().splitlines()) <= 1, (ready + extra, err)
         interrupted += proc.returncode == 130
     assert interrupted  # the signal did arrive while the command was starting
