@@ -1,6 +1,6 @@
 """Training a dictionary suite and writing its folder (the layout is in suite.py).
 
-    members = train_suite(lm, TrainConfig(layers=[19, 20, 21], arch="topk", ...))  # one pass per batch
+    members = train_suite(lm, TrainConfig(layers=[19, 20, 21], arch="topk", ...))  # train_sae/suite.py
     manifest = write_suite(folder, members, lm, name="smollm2-suite", training={...})
     fvus = check_fvu(lm, {("resid", 3): d, ...}, CHECK)
 
@@ -74,15 +74,6 @@ def check_fvu(lm, dicts: dict[tuple[str, int], Dictionary], check: dict = CHECK)
         t_hat = d(x).float()
         out[(kind, layer)] = float((t - t_hat).pow(2).sum() / (t - t.mean(0)).pow(2).sum())
     return out
-
-
-def train_suite(lm, cfg, kinds: Sequence[str] = KINDS, progress=None) -> list[tuple[str, int, object]]:
-    """Train a dictionary of every kind at every layer of ``cfg`` (a TrainConfig) together: one
-    forward pass per batch feeds them all and stops after the highest layer. Returns members
-    (kind, layer, Trained) for write_suite."""
-    from icl_cli.train_sae.trainer import train_dictionaries
-
-    return [(r.site, r.layer, r) for r in train_dictionaries(cfg, lm, progress=progress, sites=list(kinds))]
 
 
 def write_suite(folder: Path | str, members: Sequence[tuple[str, int, object]], lm, name: str,

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     from icl_cli.core.models import load_model
-    from icl_cli.dictionaries.suite_build import train_suite, write_suite
+    from icl_cli.dictionaries.suite_build import write_suite
+    from icl_cli.train_sae.suite import train_suite
     from icl_cli.train_sae.config import TrainConfig
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

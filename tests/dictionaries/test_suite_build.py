@@ -14,7 +14,8 @@ from sae_helpers import tiny_lm  # noqa: E402
 
 from icl_cli.core.sites import HookedModel  # noqa: E402
 from icl_cli.dictionaries.suite import KINDS  # noqa: E402
-from icl_cli.dictionaries.suite_build import train_suite, write_suite  # noqa: E402
+from icl_cli.dictionaries.suite_build import write_suite  # noqa: E402
+from icl_cli.train_sae.suite import train_suite  # noqa: E402
 from icl_cli.train_sae.config import TrainConfig  # noqa: E402
 from icl_cli.train_sae.trainer import train_dictionaries  # noqa: E402
 
