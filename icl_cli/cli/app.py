@@ -29,7 +29,8 @@ def _interrupted_before_start(kind, value, tb, _previous=sys.excepthook) -> None
     _previous(kind, value, tb)
 
 
-sys.excepthook = _interrupted_before_start  # set before the slow imports below
+_excepthook = sys.excepthook
+sys.excepthook = _interrupted_before_start  # until the commands are imported (restored below)
 
 import typer  # noqa: E402
 from typer import _click as click  # typer vendors click; its exceptions are these
@@ -243,9 +244,11 @@ _SUBCOMMANDS = [
 ]
 
 _register()
+sys.excepthook = _excepthook  # importing this module leaves an interactive session's hook alone
 
 
 def main() -> None:
+    sys.excepthook = _interrupted_before_start  # the `icl` process: no traceback for Ctrl-C anywhere
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _handle_termination()
     app()
