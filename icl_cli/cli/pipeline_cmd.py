@@ -12,12 +12,18 @@ train-sae) → clean (task vectors at l, detector vectors at l − 1) → top-ac
 detector → executor link) → circuit and faithfulness for a few tasks → report. Every step is
 an artifact, so a rerun only checks that each exists. It ends with the headline findings beside
 the paper's and the path of the report's index.html.
+
+The defaults come from the model's profile (icl_cli/zoo/profiles.py: tasks, sweep layers, layer,
+suite, circuits, λ and each step's prompt budget); every option below overrides its field.
+
+    icl pipeline --model smollm2-135m              # SmolLM2-135M-Instruct offline with smollm2-suite
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -27,11 +33,7 @@ from icl_cli.cli.common import run_env, train_progress
 from icl_cli.cli.context import Globals, g, log
 from icl_cli.core.errors import IclError
 from icl_cli.core.runenv import RunEnv
-
-DEFAULT_TASKS = ("antonyms,singular_plural,en_es,en_fr,location_continent,location_religion,algo_last,algo_second")
-"""Two tasks of each group of the paper (linguistic, translation, knowledge, algorithmic), ones whose
-task vectors work at the toy model's layer 5 and that the toy model does not already solve at 0
-shots (fr_en, es_en, it_en do): the whole pipeline fits in a few minutes on 2 CPU cores."""
+from icl_cli.zoo.profiles import PROFILES, PipelineProfile, profile_for
 
 SMOKE = {  # tiny settings: every step runs, the numbers mean little (fields of each step's request)
     "collect": dict(n_prompts=4, n_eval=8, n_shot=8),
@@ -43,6 +45,55 @@ SMOKE = {  # tiny settings: every step runs, the numbers mean little (fields of 
     "circuit": dict(n_prompts=2, n_shot=4, edge_nodes=20),
     "faithfulness": {},
 }
+
+
+def pipeline_settings(model: str, *, tasks: Optional[str] = None, sweep_layers: Optional[str] = None,
+                      layer: Optional[str] = None, circuit_tasks: Optional[str] = None,
+                      circuit_layers: Optional[str] = None, suite: Optional[str] = None,
+                      sae_tokens: Optional[int] = None, clean_l1: Optional[str] = None,
+                      detector_l1: Optional[str] = None, smoke: bool = False) -> PipelineProfile:
+    """The profile of ``model`` with each option that was given (not None) in place of its field,
+    and with --smoke the SMOKE request fields over the profile's."""
+    from icl_cli.cli.clean_cmd import _l1
+
+    prof = profile_for(model)
+    given = dict(tasks=tasks, sweep_layers=sweep_layers, circuit_tasks=circuit_tasks, circuit_layers=circuit_layers,
+                 suite=suite, sae_tokens=sae_tokens)
+    fields = {k: v for k, v in given.items() if v is not None}
+    if layer is not None:
+        fields["layer"] = _layer(layer)
+    for key, text in (("clean_l1", clean_l1), ("detector_l1", detector_l1)):
+        if text is not None:
+            try:
+                value = _l1(text)
+            except IclError:
+                value = -1.0
+            if value is not None and not value >= 0:  # checked here, not after the collect step
+                raise IclError(f"--{key.replace('_', '-')} takes a number ≥ 0 or auto, not {text!r}")
+            fields[key] = value
+    if smoke:
+        fields["steps"] = {k: {**prof.steps[k], **SMOKE.get(k, {})} for k in prof.steps}
+    return replace(prof, **fields)
+
+
+def _layer(text: str) -> Optional[int]:
+    """--layer: a layer number, or best (None: the sweep's most common best layer)."""
+    if text.strip().lower() == "best":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise IclError(f"--layer takes a layer number or best, not {text!r}") from None
+
+
+def _dflt(fld: str) -> str:
+    """The end of an option's help: its default in each profile."""
+    def text(v) -> str:
+        if v is None:
+            return {"layer": "best"}.get(fld, "auto")
+        return str(v) or "none"
+
+    return "; default from the profile: " + ", ".join(f"{name} {text(getattr(p, fld))}" for name, p in PROFILES.items()) + "."
 
 
 def register(app: typer.Typer) -> None:
@@ -94,15 +145,16 @@ def _duration(seconds: float) -> str:
 
 def pipeline_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("toy-icl", "--model", help="Preset, HF id or local folder."),
-    tasks: str = typer.Option(DEFAULT_TASKS, "--tasks", help="Comma-separated tasks, or all (the 23 built-in ones; about 3× longer)."),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Task-vector layer l (default: where most tasks' task vectors work best)."),
-    circuit_tasks: str = typer.Option("antonyms,en_es,location_continent", "--circuit-tasks", help="Tasks that get a circuit."),
-    circuit_layers: str = typer.Option("2-4", "--circuit-layers", help="Layers of the circuits (the suite must cover them)."),
-    suite: str = typer.Option("toy-icl-suite", "--suite", help="Dictionary suite for the circuits (and the SAEs when it covers l and l − 1)."),
-    sae_tokens: int = typer.Option(300_000, "--sae-tokens", help="Training tokens of each SAE when no suite is used (toy: 300k gives CE recovered ≈ 0.99 at L0 ≈ 200 of 2048; 1M gives L0 ≈ 95)."),
-    clean_l1: float = typer.Option(0.005, "--clean-l1", help="λ of task vector cleaning (toy: 0.005; paper: 0.05 on Gemma)."),
-    detector_l1: float = typer.Option(0.005, "--detector-l1", help="λ of detector vector cleaning."),
+    model: str = typer.Option("toy-icl", "--model", help="Preset, HF id or local folder; picks the profile of defaults (icl_cli/zoo/profiles.py)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated tasks, or all (the 23 built-in ones) (default from the profile: toy-icl two per task group; smollm2-135m one per group)."),
+    sweep_layers: Optional[str] = typer.Option(None, "--sweep-layers", help="Layers of the task-vector sweep: all, 12-26, 3,5" + _dflt("sweep_layers")),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Task-vector layer l, or best: where most tasks' task vectors work best" + _dflt("layer")),
+    circuit_tasks: Optional[str] = typer.Option(None, "--circuit-tasks", help="Tasks that get a circuit (empty: no circuits)" + _dflt("circuit_tasks")),
+    circuit_layers: Optional[str] = typer.Option(None, "--circuit-layers", help="Layers of the circuits; the suite must cover them" + _dflt("circuit_layers")),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Dictionary suite for the circuits (and the SAEs when it covers l and l − 1)" + _dflt("suite")),
+    sae_tokens: Optional[int] = typer.Option(None, "--sae-tokens", help="Training tokens of each SAE when no suite covers l and l − 1" + _dflt("sae_tokens")),
+    clean_l1: Optional[str] = typer.Option(None, "--clean-l1", help="λ of task vector cleaning, or auto (clean's per-task search) (the paper: 0.05 on Gemma)" + _dflt("clean_l1")),
+    detector_l1: Optional[str] = typer.Option(None, "--detector-l1", help="λ of detector vector cleaning, or auto" + _dflt("detector_l1")),
     sweep_l1: str = typer.Option("", "--sweep-l1", help="Also clean with these λ, for more points in the cleaning sweep figure (e.g. 0.001,0.02; each λ is one more cleaning per task)."),
     out: Path = typer.Option(Path("report"), "--out", help="Folder of the report (figures and index.html)."),
     smoke: bool = typer.Option(False, "--smoke", help="Tiny settings: a quick check that every step runs (numbers are not meaningful)."),
@@ -116,17 +168,24 @@ def pipeline_cmd(
     from icl_cli.steer.step import SteerRequest, run_steer
 
     gl = g(ctx)
+    if gl.quiet:
+        raise IclError("icl pipeline prints a report, not keys; drop -q (or use --json)")
+    s = pipeline_settings(model, tasks=tasks, sweep_layers=sweep_layers, layer=layer, circuit_tasks=circuit_tasks,
+                          circuit_layers=circuit_layers, suite=suite, sae_tokens=sae_tokens, clean_l1=clean_l1,
+                          detector_l1=detector_l1, smoke=smoke)
+    tasks, suite, circuit_tasks, circuit_layers = s.tasks, s.suite, s.circuit_tasks, s.circuit_layers
+    x = s.steps
     env = run_env(gl)
     n_circuits = len([t for t in circuit_tasks.split(",") if t.strip()])
     say = _Clock(gl, ["collect", "SAEs", "clean", "clean", "top-activations", "steer", "steer", "mass", "mass", "cross",
                       "link", *["circuit"] * n_circuits, *(["faithfulness"] if n_circuits else []), "report"])
-    x = SMOKE if smoke else {k: {} for k in SMOKE}
-    if gl.quiet:
-        raise IclError("icl pipeline prints a report, not keys; drop -q (or use --json)")
+    log(f"profile {s.name or 'generic'}: {s.why}" + (" (--smoke: tiny settings)" if smoke else ""), ctx_globals=gl)
 
     say(f"collect: task vectors and the layer sweep ({model}, tasks: {tasks})")
-    tv_out = run_collect(env, CollectRequest(model=model, tasks=tasks, layers="all", name="pipeline-tv", **x["collect"]))
+    tv_out = run_collect(env, CollectRequest(model=model, tasks=tasks, layers=s.sweep_layers, name="pipeline-tv",
+                                             **x["collect"]))
     tv = tv_out.result.artifact.key
+    layer = s.layer
     if layer is None:
         best = Counter(t["best_layer"] for t in tv_out.data["tasks"].values())
         layer = best.most_common(1)[0][0]
@@ -134,13 +193,13 @@ def pipeline_cmd(
         raise IclError(f"the task-vector layer is {layer}; detectors need layer l − 1 ≥ 0, so pass --layer ≥ 1")
     prev = layer - 1
 
-    sae, sae_prev, have_suite = _saes(env, gl, say, model, suite, layer, prev, sae_tokens, x["train-sae"])
+    sae, sae_prev, have_suite = _saes(env, gl, say, model, suite, layer, prev, s.sae_tokens, x["train-sae"])
     say(f"clean: task vectors at layer {layer} (executors)")
     sweep = () if smoke or not sweep_l1 else _floats(sweep_l1)
-    clean_out = run_clean(env, CleanRequest(tv=tv, sae=sae, l1=clean_l1, sweep_l1=sweep, name="pipeline-clean", **x["clean"]))
+    clean_out = run_clean(env, CleanRequest(tv=tv, sae=sae, l1=s.clean_l1, sweep_l1=sweep, name="pipeline-clean", **x["clean"]))
     clean = clean_out.result.artifact.key
     say(f"clean: detector vectors at layer {prev} (detectors)")
-    dclean = run_clean(env, CleanRequest(tv=tv, sae=sae_prev, detectors=True, l1=detector_l1,
+    dclean = run_clean(env, CleanRequest(tv=tv, sae=sae_prev, detectors=True, l1=s.detector_l1,
                                          name="pipeline-clean-detectors", **x["clean"])).result.artifact.key
 
     keys = [tv, sae, sae_prev, clean, dclean]
@@ -182,7 +241,8 @@ def pipeline_cmd(
 
     circuits = []
     if not have_suite and circuit_tasks:
-        log(f"no dictionary suite {suite!r} (resid, attn and transcoder dictionaries per layer), so no circuits; "
+        what = f"dictionary suite {suite!r} of {model}" if suite else f"dictionary suite for {model}"
+        log(f"no {what} (resid, attn and transcoder dictionaries per layer), so no circuits; "
             "scripts/toy_saes.sh trains one for toy-icl, or pass --suite", ctx_globals=gl, style="yellow")
     for task in [t.strip() for t in circuit_tasks.split(",") if t.strip() and have_suite]:
         say(f"circuit: {task}")
@@ -194,7 +254,7 @@ def pipeline_cmd(
 
         say("faithfulness: curves of each circuit" + (" and the cross-task matrix" if len(circuits) > 1 else ""))
         keys += circuits
-        opts = FaithOptions(cross_task=len(circuits) > 1, **x["faithfulness"])
+        opts = FaithOptions(**{"cross_task": len(circuits) > 1, **x["faithfulness"]})
         keys.append(run_faithfulness(env, FaithRequest(",".join(circuits), options=opts, name="pipeline-faithfulness"))
                     .result.artifact.key)
 
@@ -214,18 +274,23 @@ def _saes(env: RunEnv, gl: Globals, say: _Clock, model: str, suite: str, layer: 
     from icl_cli.dictionaries.suite import import_suite, suite_name
     from icl_cli.train_sae.step import TrainSaeRequest, run_train_sae
 
-    try:  # no suite is a normal case here, not an error: nothing is said about it
-        found = import_suite(env.store, suite, name=suite_name(suite))
-    except IclError:
-        found = None
-    have = dict(found.member_keys) if found is not None else {}
-    if found is not None and found.model == model and ("resid", layer) in have and ("resid", prev) in have:
+    from icl_cli.core.models import same_model
+
+    found = None
+    if suite:
+        try:  # no suite is a normal case here, not an error: nothing is said about it
+            found = import_suite(env.store, suite, name=suite_name(suite))
+        except IclError:
+            pass
+    # a suite of another model is no suite for this one (neither its SAEs nor its circuits)
+    have = dict(found.member_keys) if found is not None and same_model(found.model, model) else {}
+    if ("resid", layer) in have and ("resid", prev) in have:
         say(f"SAEs: the residual SAEs of suite {suite} at layers {prev} and {layer}")
         return have[("resid", layer)], have[("resid", prev)], True
-    say(f"train-sae: gated residual SAEs at layers {prev} and {layer}")
     # toy-sized: 300k tokens in batches of 1024 at lr 1e-3 (the paper's 300M tokens at 4e-4 are for Gemma)
     req = TrainSaeRequest(**{**dict(model=model, layer=[f"{prev},{layer}"], site="resid", arch="gated", tokens=tokens,
                                     batch_tokens=1024, lr=1e-3, l1=1.0, dataset="tasks", name="pipeline-sae"), **extra})
+    say(f"train-sae: {req.arch} residual SAEs at layers {prev} and {layer} ({req.tokens} tokens each)")
     by_layer = {r.layer: r.key for r in run_train_sae(env, req, progress=lambda: train_progress(gl)).results}
     return by_layer[layer], by_layer[prev], bool(have)
 
