@@ -222,6 +222,23 @@ def pipeline_cmd(
         if not tasks_with:
             log(f"no task has {w} by the steering rule: the steps that need them are skipped (not measured)",
                 ctx_globals=gl, style="yellow")
+    skipped = []  # headline rows of what could not be measured, and why
+    rule = "the steering rule (large on the task, small on tasks of other groups)"
+    if not have["executors"]:
+        skipped.append({"finding": "Activation mass of executors on arrow tokens", "paper": "89.8% (layer 12)",
+                        "why": f"no task has executors by {rule}"})
+    if not have["detectors"]:
+        skipped.append({"finding": "Activation mass of detectors on output tokens", "paper": "96.8% (layer 11)",
+                        "why": f"no task has detectors by {rule}"})
+    if len(have["executors"]) < 2:
+        skipped.append({"finding": "Cross-task ablation of executors (few-shot prompts)",
+                        "paper": "ablating a task's executors hurts that task most",
+                        "why": f"{len(have['executors'])} task(s) with executors; a cross-task matrix needs two"})
+    if not (have["executors"] and have["detectors"]):
+        skipped.append({"finding": "Detector → executor link (frozen attention, paper Fig. 8)",
+                        "paper": "removing a task's detectors lowers its executors far more than other tasks'",
+                        "why": "no " + " and no ".join(w for w in ("detectors", "executors") if not have[w])
+                               + " by the steering rule"})
     if have["executors"]:
         say(f"ablate: activation mass by token role (executors of {len(have['executors'])} tasks)")
         keys.append(run_mass(env, MassRequest(features=ex, which="selected", name="pipeline-mass-executors",
@@ -263,7 +280,7 @@ def pipeline_cmd(
     from icl_cli.report import build_report
 
     rep = build_report(env.store, keys, out=out.resolve(), with_inputs=False,
-                       progress=lambda m: log(f"rendering {m}", ctx_globals=gl))
+                       progress=lambda m: log(f"rendering {m}", ctx_globals=gl), not_measured=skipped)
     show_report(gl, rep, brief=True)
     say("done")
 

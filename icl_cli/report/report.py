@@ -83,8 +83,11 @@ def _load_record(out: Path) -> dict:
 
 
 def build_report(store, refs: Sequence[str], out: Path | None = None, with_inputs: bool = False,
-                 progress: Callable[[str], None] | None = None) -> Report:
-    """Sections for the artifacts ``refs`` name (and, with ``with_inputs``, all their ancestors)."""
+                 progress: Callable[[str], None] | None = None, not_measured: Sequence[dict] = ()) -> Report:
+    """Sections for the artifacts ``refs`` name (and, with ``with_inputs``, all their ancestors).
+
+    not_measured: headline rows of findings a run could not measure (a skipped step: "finding",
+    "paper", "why"), shown as "cannot detect" with their reason."""
     if not refs:
         raise IclError("name at least one artifact (a key, a prefix of ≥ 6 characters or a name); `icl store ls` lists them")
     arts = []
@@ -106,6 +109,9 @@ def build_report(store, refs: Sequence[str], out: Path | None = None, with_input
     for sec in sections:
         for row in sec.summary.get("headline", []):
             rep.headline.append({**row, "match": verdict(row), "key": sec.key, "step": sec.step})
+    for row in not_measured:
+        row = {"ours": f"not measured: {row['why']}", **row, "detectable": False}
+        rep.headline.append({**row, "match": verdict(row), "key": "", "step": ""})
     models = list(dict.fromkeys(str(a.params["model"]) for a in arts if a.params.get("model")))
     rep.setup = model_setup(models) if rep.headline and models else ", ".join(models)
     if out is not None:

@@ -289,3 +289,21 @@ def test_circuit_sweep_size_and_graph(tmp_path, monkeypatch):
     assert sec.summary["n_feature_nodes"] == 4 and sec.summary["n_selected"] == 3
     assert [f.files[0].name for f in sec.figures] == [f"circuit-{art.key[:8]}-faithfulness.png", f"circuit-{art.key[:8]}-graph.png"]
     assert sec.tables[0].rows[0][:4] == ["resid", "2", "arrow", "9"]  # largest |IE| first
+
+
+def test_not_measured_findings_are_headline_rows_that_cannot_detect(tmp_path):
+    """A pipeline step skipped for want of features is a headline row saying why, never a silent gap
+    and never "no"; it appears in the terminal and in index.html."""
+    from icl_cli.report import build_report
+
+    s = Store(tmp_path / "store")
+    ex = _steer_art(s)
+    skipped = [{"finding": "Detector → executor link", "paper": "own pairs drop far more",
+                "why": "no detectors by the steering rule"}]
+    rep = build_report(s, [ex], out=tmp_path / "rep", not_measured=skipped)
+    row = [r for r in rep.headline if r["finding"] == "Detector → executor link"]
+    assert len(row) == 1
+    assert row[0]["match"] == "cannot detect: no detectors by the steering rule"
+    assert row[0]["ours"] == "not measured: no detectors by the steering rule"
+    page = (tmp_path / "rep" / "index.html").read_text()
+    assert "no detectors by the steering rule" in page
