@@ -14,9 +14,15 @@
 #                       and cross-task matrix (`icl ablate --circuit`)
 #   8. report           figures, report/index.html, the headline findings beside the paper's
 # Every step is an artifact in the store (./artifacts, or ICL_STORE); a rerun reuses them all.
-# Environment [default]: ICL [.venv/bin/icl], MODEL [toy-icl], TASKS [two per task group; all: the 23], LAYER [where most
-# tasks' task vectors work best], SUITE [toy-icl-suite], CIRCUIT_TASKS [antonyms,en_es,location_continent],
-# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005], DETECTOR_L1 [0.005], SWEEP_L1 [none; e.g. 0.001,0.02], SAE_TOKENS [300000], OUT [report].
+# Environment [default]: ICL [.venv/bin/icl], MODEL [toy-icl], TASKS [two per task group; all: the 23], SWEEP_LAYERS [all],
+# LAYER [where most tasks' task vectors work best], SUITE [toy-icl-suite], CIRCUIT_TASKS [antonyms,en_es,location_continent],
+# CIRCUIT_LAYERS [2-4], CLEAN_L1 [0.005; or auto], DETECTOR_L1 [0.005], EXECUTOR_SCALE [15], DETECTOR_SCALE [25], SWEEP_L1 [none; e.g. 0.001,0.02], SAE_TOKENS [300000], OUT [report].
+# These defaults are toy-icl's profile; `icl pipeline --model M` takes M's profile from icl_cli/zoo/profiles.py, which
+# for smollm2-135m also sets clean's training prompts, the circuits' prompts and shots and top-activations' tokens
+# (here the steps' own defaults); the rest of SmolLM2's profile as variables:
+#   MODEL=smollm2-135m TASKS=present_simple_past_simple,fr_en,location_continent,algo_last SWEEP_LAYERS=12-26 LAYER=21 \
+#   SUITE=smollm2-suite CIRCUIT_TASKS=present_simple_past_simple,location_continent,algo_last CIRCUIT_LAYERS=19-21 \
+#   CLEAN_L1=0.05 DETECTOR_L1=0.01 EXECUTOR_SCALE=45 DETECTOR_SCALE=75 scripts/pipeline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ICL=${ICL:-.venv/bin/icl}
@@ -31,9 +37,9 @@ step() { echo "== [$(( $(date +%s) - started ))s] $*" >&2; }
 json() { "$PY" -c "import json, sys; d = json.load(sys.stdin); print($1)"; }
 
 step "collect: task vectors and the layer sweep ($MODEL, tasks: $TASKS)"
-TV=$($ICL -q collect --model "$MODEL" --tasks "$TASKS" --layers all --name pipeline-tv)
+TV=$($ICL -q collect --model "$MODEL" --tasks "$TASKS" --layers "${SWEEP_LAYERS:-all}" --name pipeline-tv)
 if [ -z "${LAYER:-}" ]; then
-  LAYER=$($ICL --json collect --model "$MODEL" --tasks "$TASKS" --layers all \
+  LAYER=$($ICL --json collect --model "$MODEL" --tasks "$TASKS" --layers "${SWEEP_LAYERS:-all}" \
           | json '__import__("collections").Counter(t["best_layer"] for t in d["tasks"].values()).most_common(1)[0][0]')
 fi
 PREV=$((LAYER - 1))
@@ -67,13 +73,15 @@ TOP_FEATURES=$($ICL --json clean "${CLEAN_ARGS[@]}" \
 TOP=$($ICL -q collect top-activations --sae "$SAE" --features "$TOP_FEATURES" --name pipeline-top)
 
 step "steer: executor heatmap at layer $LAYER"
-EXEC=$($ICL -q steer --clean "$CLEAN" --name pipeline-executors)
+EXEC_ARGS=(--clean "$CLEAN" ${EXECUTOR_SCALE:+--scale "$EXECUTOR_SCALE"})
+DET_ARGS=(--clean "$DCLEAN" --mode detector ${DETECTOR_SCALE:+--scale "$DETECTOR_SCALE"})
+EXEC=$($ICL -q steer "${EXEC_ARGS[@]}" --name pipeline-executors)
 step "steer: detector steering at layer $PREV"
-DET=$($ICL -q steer --clean "$DCLEAN" --mode detector --name pipeline-detectors)
+DET=$($ICL -q steer "${DET_ARGS[@]}" --name pipeline-detectors)
 # the steering rule's executors and detectors; a step whose every set is empty is skipped (not
 # measured: there is no fallback to other features)
-N_EXEC=$($ICL --json steer --clean "$CLEAN" | json 'sum(1 for v in d["executors"].values() if v)')
-N_DET=$($ICL --json steer --clean "$DCLEAN" --mode detector | json 'sum(1 for v in d["detectors"].values() if v)')
+N_EXEC=$($ICL --json steer "${EXEC_ARGS[@]}" | json 'sum(1 for v in d["executors"].values() if v)')
+N_DET=$($ICL --json steer "${DET_ARGS[@]}" | json 'sum(1 for v in d["detectors"].values() if v)')
 MASS_EXEC=; MASS_DET=; CROSS=; LINK=
 [ "$N_EXEC" -gt 0 ] || echo "no task has executors by the steering rule: their steps are skipped" >&2
 [ "$N_DET" -gt 0 ] || echo "no task has detectors by the steering rule: their steps are skipped" >&2

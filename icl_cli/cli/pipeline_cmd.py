@@ -210,9 +210,10 @@ def pipeline_cmd(
                     .result.artifact.key)
 
     say(f"steer: executor heatmap at layer {layer}")
-    ex_out = run_steer(env, SteerRequest(clean=clean, name="pipeline-executors", **x["steer"]))
+    ex_out = run_steer(env, SteerRequest(clean=clean, scale=s.executor_scale, name="pipeline-executors", **x["steer"]))
     say(f"steer: detector steering at layer {prev}")
-    det_out = run_steer(env, SteerRequest(clean=dclean, mode="detector", name="pipeline-detectors", **x["steer"]))
+    det_out = run_steer(env, SteerRequest(clean=dclean, mode="detector", scale=s.detector_scale, name="pipeline-detectors",
+                                          **x["steer"]))
     ex, det = ex_out.result.artifact.key, det_out.result.artifact.key
     keys += [ex, det]
     # the executors (detectors) the steering rule selected. A task without any is not measured and a

@@ -71,6 +71,7 @@ def test_toy_profile_keeps_the_old_defaults_and_other_models_get_the_generic_one
     assert (p.sweep_layers, p.layer, p.suite, p.circuit_layers) == ("all", None, "toy-icl-suite", "2-4")
     assert (p.clean_l1, p.detector_l1, p.sae_tokens) == (0.005, 0.005, 300_000)
     assert all(v == {} for v in p.steps.values())  # every step's own defaults
+    assert p.executor_scale is None and p.detector_scale is None  # steer's own: the paper's 15 and 25
     # the HF id of the SmolLM2 preset is the same model; an unknown folder is not
     assert profile_for("HuggingFaceTB/SmolLM2-135M-Instruct") is SMOLLM2
     other = profile_for("/models/some-other-llama")
@@ -84,7 +85,7 @@ def test_options_override_each_field():
     assert (s.tasks, s.sweep_layers, s.layer, s.circuit_tasks, s.circuit_layers, s.suite, s.sae_tokens) == \
         ("antonyms,en_es", "all", 20, "antonyms", "19-20", "my-suite", 1000)
     assert s.clean_l1 is None and s.detector_l1 == 0.02  # auto: clean's per-task search
-    assert s.steps["collect"]["n_prompts"] == SMOLLM2.steps["collect"]["n_prompts"]
+    assert s.steps["circuit"] == SMOLLM2.steps["circuit"] and s.executor_scale == SMOLLM2.executor_scale
     # an option left out keeps the profile's value; --layer best leaves the choice to the sweep
     s = pipeline_settings("smollm2-135m", layer="best")
     assert s.layer is None and s.suite == "smollm2-suite" and s.clean_l1 == SMOLLM2.clean_l1
@@ -133,13 +134,13 @@ def test_model_picks_the_profile_the_steps_receive(monkeypatch, tmp_path):
     req, err = _first_request(monkeypatch, tmp_path, "--model", "smollm2-135m")
     assert (req.model, req.tasks, req.layers) == ("smollm2-135m", SMOLLM2.tasks, "12-26")
     assert {k: getattr(req, k) for k in SMOLLM2.steps["collect"]} == dict(SMOLLM2.steps["collect"])
+    from icl_cli.collect.step import CollectRequest
+
+    default = CollectRequest()
     assert "profile smollm2-135m" in err
     req, _ = _first_request(monkeypatch, tmp_path, "--model", "smollm2-135m", "--tasks", "antonyms",
                             "--sweep-layers", "20-21", "--smoke")
     assert (req.tasks, req.layers, req.n_prompts, req.n_shot) == ("antonyms", "20-21", SMOKE["collect"]["n_prompts"],
                                                                    SMOKE["collect"]["n_shot"])
     req, _ = _first_request(monkeypatch, tmp_path)  # toy-icl: the steps' own defaults
-    from icl_cli.collect.step import CollectRequest
-
-    default = CollectRequest()
     assert (req.model, req.layers, req.n_prompts, req.n_shot) == ("toy-icl", "all", default.n_prompts, default.n_shot)
