@@ -77,8 +77,13 @@ class Groups:
     @classmethod
     def of(cls, batch: PromptBatch, per_position: bool = False, prompt_positions: bool = False) -> "Groups":
         """Groups by role (``ROLES``), by position (``pos:<i>``), or by role with the instruction
-        split into one group per token (``prompt:<k>``: the k-th instruction token of each prompt)."""
+        split into one group per token (``prompt:<k>``: the k-th instruction token of each prompt).
+
+        A prompt's first token is never a node: with a start-of-sequence token it has no role anyway,
+        and without one (SmolLM2) the first word becomes the attention sink, with a residual ~100×
+        the others' that no dictionary was trained on (suites skip it), so it is left out like BOS."""
         has_role = (batch.roles > 0) & (batch.attention_mask > 0)
+        has_role[:, 0] = False
         if per_position:
             P = batch.input_ids.shape[1]
             idx = torch.arange(P, device=batch.roles.device).expand_as(batch.roles)

@@ -19,7 +19,8 @@ from typing import Any, List, Optional
 from icl_cli.core.errors import IclError
 from icl_cli.core.runenv import RunEnv
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a prompt's first token is never a node (the attention sink of models without BOS)."""
 
 
 @dataclass
