@@ -81,3 +81,15 @@ def test_circuit_section_labels_its_sweep_in_sample(tmp_path, monkeypatch):
     note = " ".join(sec.notes)
     assert "in-sample" in note and "not reached within 1 (F reached 0.70)" in note
     assert json.dumps(sec.summary)  # plain JSON
+
+
+def test_size_verdict_needs_the_papers_range_not_just_a_crossing():
+    """Halving faithfulness with 7-27 nodes is not the paper's "a few hundred": the verdict is no."""
+    from icl_cli.report.renderers.faithfulness import size_match
+
+    assert size_match({"a": 18.0, "b": 27.0, "c": 7.0}, 1000, "a few hundred", at_least=100).startswith("no:")
+    assert "far fewer" in size_match({"a": 18.0}, 1000, "a few hundred", at_least=100)
+    assert size_match({"a": 230.0, "b": 400.0}, 1000, "a few hundred", at_least=100).startswith("yes:")
+    assert size_match({"a": 230.0, "b": None}, 1000, "a few hundred", at_least=100).startswith("partly:")
+    assert size_match({"a": 30.0, "b": 300.0}, 1000, "a few hundred", at_least=100).startswith("partly:")
+    assert size_match({"a": None}, 1000, "a few hundred", at_least=100).startswith("no:")
