@@ -122,7 +122,8 @@ def contexts(tokenizer, feats: Sequence[int], r: TopResult, window: int = 12) ->
             ids = [t for t in r.chunks[i, j].tolist() if t >= 0]
             pos = int(r.positions[i, j])
             lo = max(0, pos - window)
-            toks = tokenizer.convert_ids_to_tokens(ids[lo : pos + 4])
+            # each token as text (byte-level BPE pieces such as 'Ġ', 'Ċ' or 'Ã©' become ' ', a newline, 'é')
+            toks = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids[lo : pos + 4])]
             rows.append({"value": v, "tokens": toks, "fire": pos - lo})
         out[f] = rows
     return out

@@ -50,3 +50,22 @@ def test_cli_top_activations_and_bad_feature(tiny_toy_dir, tmp_path):
     assert set(data["features"]) == {"3", "4"} and len(data["features"]["3"]) == 2
     bad = runner.invoke(app, base + ["collect", "top-activations", "--sae", str(tmp_path / "sae"), "--features", "99"])
     assert bad.exit_code == 1 and "out of range" in bad.stderr
+
+
+def test_contexts_are_text_not_byte_level_pieces():
+    """A byte-level BPE tokenizer's pieces ('Ġ' for a space, 'Ċ' for a newline, 'Ã©' for é) are shown
+    as the text they stand for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from icl_cli.collect.top_activations import TopResult, contexts
+
+    vocab = {"Ġ": 0, "Ċ": 1, "Ã": 2, "©": 3, "Ã©": 4, "t": 5, "Ġt": 6, "Ġété": 7, "é": 8}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    ids = torch.tensor([[6, 1, 4, 5]])  # "Ġt", "Ċ", "Ã©", "t"
+    r = TopResult(torch.tensor([[1.0]]), torch.tensor([[2]]), ids[None])
+    row = contexts(tok, [0], r)[0][0]
+    assert row["tokens"] == [" t", "\n", "é", "t"] and row["fire"] == 2
