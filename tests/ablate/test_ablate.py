@@ -288,19 +288,6 @@ def test_own_worst_share_counts_columns_whose_own_row_is_largest():
     assert own_worst_share(r) == pytest.approx(2 / 3)
 
 
-class _CharTokenizer:
-    """Every character a token (offsets (i, i+1)): every word spans several tokens."""
-
-    is_fast = True
-    bos_token_id = None
-    pad_token_id = 0
-    unk_token_id = None
-
-    def __call__(self, texts, return_offsets_mapping=False, add_special_tokens=True):
-        return {"input_ids": [[ord(c) for c in t] for t in texts],
-                "offset_mapping": [[(i, i + 1) for i in range(len(t))] for t in texts]}
-
-
 def test_word_roles_cover_every_token_of_multi_token_inputs_and_outputs():
     """SPEC §8: inputs and outputs as whole words. With one token per character, 'hot' is three
     input tokens and 'cold' four output tokens; the arrow and the spaces keep their own roles."""
@@ -308,7 +295,9 @@ def test_word_roles_cover_every_token_of_multi_token_inputs_and_outputs():
     from icl_cli.core.batch import encode_prompts
     from icl_cli.core.prompts import ROLE_CODE
 
-    tok = _CharTokenizer()
+    from tests.core.char_tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
     prompt = Prompt([("hot", "cold")], ("big", "small"))
     text = prompt.text  # 'Follow the pattern:\nhot -> cold\nbig -> small'
     batch = encode_prompts(tok, [prompt])

@@ -4,23 +4,11 @@ first word is the attention sink, far outside what the dictionaries were trained
 from icl_cli.circuit.splice import Groups
 from icl_cli.core.batch import encode_prompts
 from icl_cli.core.prompts import ROLE_CODE, Prompt
-
-
-class _NoBosTokenizer:
-    """One token per character and no start-of-sequence token, like SmolLM2's."""
-
-    is_fast = True
-    bos_token_id = None
-    pad_token_id = 0
-    unk_token_id = None
-
-    def __call__(self, texts, return_offsets_mapping=False, add_special_tokens=True):
-        return {"input_ids": [[ord(c) for c in t] for t in texts],
-                "offset_mapping": [[(i, i + 1) for i in range(len(t))] for t in texts]}
+from tests.core.char_tokenizer import CharTokenizer
 
 
 def test_first_token_is_in_no_group_but_the_next_prompt_token_is():
-    batch = encode_prompts(_NoBosTokenizer(), [Prompt([("hot", "cold")], ("big", "small")), Prompt([], ("up", "down"))])
+    batch = encode_prompts(CharTokenizer(), [Prompt([("hot", "cold")], ("big", "small")), Prompt([], ("up", "down"))])
     assert int(batch.roles[0, 0]) == ROLE_CODE["prompt"]  # the first token holds a role...
     for kw in ({}, {"prompt_positions": True}, {"per_position": True}):
         g = Groups.of(batch, **kw)

@@ -32,17 +32,12 @@ def _block(model, layer):
     return model.model.layers[layer]
 
 
-def _manual_nll(model, tokenizer, text: str, answer: str, edits: dict[int, torch.Tensor], n_first: int = 2) -> float:
-    """Summed NLL of the first n_first answer tokens of ``text`` (which ends with " " + answer), with
-    edits {position: vector} added to the input of block LAYER; one prompt, no padding, plain HF."""
-    assert text.endswith(" " + answer)
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    n_q = len(tokenizer(text[: -len(" " + answer)]).input_ids)
-    assert ids[0, :n_q].tolist() == tokenizer(text[: -len(" " + answer)]).input_ids
+def _edited_logits(model, ids: torch.Tensor, edits: dict[int, torch.Tensor]) -> torch.Tensor:
+    """[P, V] logits of one unpadded prompt with edits {position: vector} added to the input of block
+    LAYER: a plain HF forward pre-hook, independent of the code under test."""
 
     def hook(module, args, kwargs):
-        h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        h = h.clone()
+        h = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
         for pos, v in edits.items():
             h[0, pos] += v
         if "hidden_states" in kwargs:
@@ -52,9 +47,20 @@ def _manual_nll(model, tokenizer, text: str, answer: str, edits: dict[int, torch
     handle = _block(model, LAYER).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float()
+            return model(input_ids=ids).logits[0].float()
     finally:
         handle.remove()
+
+
+def _manual_nll(model, tokenizer, text: str, answer: str, edits: dict[int, torch.Tensor], n_first: int = 2) -> float:
+    """Summed NLL of the first n_first answer tokens of ``text`` (which ends with " " + answer), with
+    edits {position: vector} added to the input of block LAYER; one prompt, no padding, plain HF."""
+    assert text.endswith(" " + answer)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    n_q = len(tokenizer(text[: -len(" " + answer)]).input_ids)
+    assert ids[0, :n_q].tolist() == tokenizer(text[: -len(" " + answer)]).input_ids
+
+    logits = _edited_logits(model, ids, edits)
     total = 0.0
     for pos in range(n_q, min(n_q + n_first, ids.shape[1])):
         total -= torch.log_softmax(logits[pos - 1], -1)[ids[0, pos]].item()
@@ -108,20 +114,7 @@ def _manual_arrow_scores(model, tokenizer, text: str, arrows: list[int], v: torc
     of block LAYER at every arrow; one prompt, no padding, plain HF."""
     ids = tokenizer(text, return_tensors="pt").input_ids
 
-    def hook(module, args, kwargs):
-        h = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).clone()
-        for a in arrows:
-            h[0, a] += v
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": h}
-        return (h, *args[1:]), kwargs
-
-    handle = _block(model, LAYER).register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0].float()
-    finally:
-        handle.remove()
+    logits = _edited_logits(model, ids, {a: v for a in arrows})
     nll = [-torch.log_softmax(logits[a], -1)[ids[0, a + 1]].item() for a in arrows]
     hit = [float(int(logits[a].argmax()) == int(ids[0, a + 1])) for a in arrows]
     return sum(nll) / len(nll), sum(hit) / len(hit)
