@@ -122,22 +122,25 @@ def key_lock(root: Path, key: str, on_wait: Optional[Callable[[str], None]] = No
             os.close(fd)
 
 
-def is_locked(root: Path, key: str) -> bool:
-    """Whether some process holds the lock of ``key`` right now (for gc)."""
-    path = lock_path(root, key)
-    if fcntl is None or not path.exists():
-        return False
+def held(path: Path) -> bool | None:
+    """Whether some process holds an flock on ``path`` right now (None: no such file). Locks and
+    pins are both files whose holder keeps them locked, so a lock we can take means its holder is gone."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing the descriptor lets go of a lock we took
     return False
+
+
+def is_locked(root: Path, key: str) -> bool:
+    """Whether some process holds the lock of ``key`` right now (for gc)."""
+    return fcntl is not None and bool(held(lock_path(root, key)))
 
 
 def sweep_unheld(root: Path, dry_run: bool = False) -> list[str]:

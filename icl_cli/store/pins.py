@@ -30,6 +30,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+from icl_cli.store.lock import held
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -189,14 +191,4 @@ def sweep_stale(root: Path, dry_run: bool = False) -> list[str]:
 
 def _dead_tmp(path: Path) -> bool:
     """A temporary pin file whose creator is gone (it holds no lock)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
+    return held(path) is False
