@@ -190,6 +190,20 @@ def outline_legend(ax, color: str, label: str, n: int, none_text: str) -> None:
               bbox_to_anchor=(0.0, 1.0), frameon=False, fontsize=8, borderaxespad=0.2)
 
 
+def outline_pairs(ax, own, color: str) -> None:
+    """Outline the cells where ``own`` ([rows, cols] bool) holds, pairs of the same task, with their
+    legend; when most cells would be outlined none is (it would show nothing) and the legend says so."""
+    import numpy as np
+
+    n = 0
+    if own.mean() < 0.5:
+        for i, j in zip(*np.nonzero(own)):
+            outline(ax, i, j, color)
+            n += 1
+    outline_legend(ax, color, "pairs of the same task", n,
+                   "most shown pairs share a task" if own.any() else "no shown pair shares a task")
+
+
 def outline(ax, i: int, j: int, color: str = "tab:cyan", lw: float = 1.8) -> None:
     """Outline cell (row i, column j) of a heatmap, inset so neighbouring outlines stay apart."""
     from matplotlib.patches import Rectangle

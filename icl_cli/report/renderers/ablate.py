@@ -309,8 +309,7 @@ class AblateRenderer(Renderer):
     @staticmethod
     def _link_figure(art, r, ratio, names: tuple[dict, dict], out: Path) -> Figure:
         from icl_cli.core.tasks import BUILTIN_NAMES
-        from icl_cli.report.figures import (MAX_WIDTH_IN, heatmap, outline, outline_legend, plt, save, task_label,
-                                            tick_size)
+        from icl_cli.report.figures import MAX_WIDTH_IN, heatmap, outline_pairs, plt, save, task_label, tick_size
 
         p = plt()
         dnames, enames = names
@@ -344,13 +343,7 @@ class AblateRenderer(Renderer):
         for k in range(1, len(exes)):
             if first(exes[k], enames) != first(exes[k - 1], enames):
                 ax.axvline(k - 0.5, color="tab:gray", lw=0.8)
-        n_out = 0
-        if own.mean() < 0.5:  # outlining most cells would show nothing
-            for i, j in zip(*np.nonzero(own)):
-                outline(ax, i, j, "black")
-                n_out += 1
-        outline_legend(ax, "black", "pairs of the same task", n_out,
-                       "most shown pairs share a task" if own.any() else "no shown pair shares a task")
+        outline_pairs(ax, own, "black")
         ax.set_xlabel("executor feature (its task)")
         ax.set_ylabel("detector feature removed (its task)")
         ax.set_title("Detector → executor link: change of the executor's activation at the arrows" + shown, fontsize=10, pad=22)

@@ -129,7 +129,7 @@ def _histogram_figure(art, r, out: Path) -> Figure:
 
 
 def _feature_figure(art, r, mean: np.ndarray, dlab: list[str], elab: list[str], out: Path) -> Figure:
-    from icl_cli.report.figures import MAX_WIDTH_IN, heatmap, outline, outline_legend, plt, save, tick_size
+    from icl_cli.report.figures import MAX_WIDTH_IN, heatmap, outline_pairs, plt, save, tick_size
 
     p = plt()
     score = np.nan_to_num(mean, nan=-1.0)
@@ -146,13 +146,7 @@ def _feature_figure(art, r, mean: np.ndarray, dlab: list[str], elab: list[str], 
     heatmap(ax, m, rows, cols, cmap="viridis", cbar="mean executor drop (colours: its range)",
             annotate=len(cols) <= 10 and len(rows) <= 20, xrotation=90)
     ax.tick_params(axis="x", labelsize=tick_size(len(cols), w - room))
-    n_out = 0
-    if own.mean() < 0.5:  # outlining most cells would show nothing
-        for i, j in zip(*np.nonzero(own)):
-            outline(ax, i, j, "tab:red")
-            n_out += 1
-    outline_legend(ax, "tab:red", "pairs of the same task", n_out,
-                   "most shown pairs share a task" if own.any() else "no shown pair shares a task")
+    outline_pairs(ax, own, "tab:red")
     ax.set_xlabel("executor feature (its tasks)")
     ax.set_ylabel("detector feature removed (its tasks)")
     ax.set_title("Detector → executor link (frozen attention): mean drop per pair" + shown, fontsize=10, pad=22)
